@@ -202,6 +202,7 @@ class Llama(nn.Module):
             self.head.weight = self.tok_embed.weight
         self.register_buffer("inv_freq", rope_frequencies(cfg), persistent=False)
         self.grad_checkpointing = False
+        self.init_weights()
 
     def init_weights(self):
         """GPT-2 style init for training from scratch: N(0, 0.02), residual outputs scaled by depth."""

@@ -1,0 +1,554 @@
+"""Convert foreign checkpoints into ours, and ours back into transformers' LLaVA format.
+
+This is the only file that knows transformers' and LLaVA's key names. Each weight's source is spelled out
+in an explicit map (`{}` stands for the layer index); q/k/v and gate/up are concatenated into our fused
+layers. Tensors stream one by one from memory-mapped files into the output, so converting a 7B model needs
+about one tensor of extra RAM, not two copies of the model.
+
+    python convert_weights.py --vision CLIP_DIR --lm LLAMA_DIR --out CKPT      # a new VLM, fresh projector
+    python convert_weights.py --llava LLAVA_DIR --out CKPT                     # llava-hf or original LLaVA
+    python convert_weights.py --to-hf CKPT --out HF_DIR                        # for transformers' LLaVA
+"""
+
+import argparse
+import json
+import re
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from llama import LlamaConfig
+from model import VLM, VLMConfig
+from projector import Projector, ProjectorConfig
+from vit import ViTConfig
+
+# ----------------------------------------------------------------------------- reading checkpoints
+
+
+class Source:
+    """The tensors of a checkpoint directory, read lazily from safetensors (sharded or not) or .bin files.
+
+    `.bin` files are pickles: they are only ever opened with weights_only=True (no code runs) and mmap.
+    """
+
+    def __init__(self, files: list[Path]):
+        self.where: dict[str, Path] = {}
+        self.opened: dict[Path, object] = {}
+        for path in files:
+            for key in self._open(path).keys():
+                self.where[key] = path
+
+    @classmethod
+    def from_dir(cls, directory: Path, exclude=()) -> "Source":
+        index = directory / "model.safetensors.index.json"
+        if index.is_file():
+            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+            return cls([directory / s for s in shards])
+        files = sorted(directory.glob("*.safetensors")) or sorted(directory.glob("pytorch_model*.bin"))
+        files = [f for f in files if f.name not in exclude]
+        if not files:
+            raise FileNotFoundError(f"{directory}: no *.safetensors or pytorch_model*.bin weights found")
+        return cls(files)
+
+    def _open(self, path: Path):
+        if path not in self.opened:
+            if path.suffix == ".safetensors":
+                self.opened[path] = safe_open(path, framework="pt")
+            else:
+                self.opened[path] = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        return self.opened[path]
+
+    def keys(self):
+        return self.where.keys()
+
+    def get(self, key: str, meta=False) -> torch.Tensor:
+        """The tensor, or with meta=True an empty stand-in of the same shape and dtype (reads no data)."""
+        if key not in self.where:
+            raise KeyError(f"tensor '{key}' not found in the checkpoint")
+        f = self._open(self.where[key])
+        if isinstance(f, dict):
+            t = f[key]
+            return torch.empty(t.shape, dtype=t.dtype, device="meta") if meta else t
+        if meta:
+            sl = f.get_slice(key)
+            return torch.empty(sl.get_shape(), dtype=SAFETENSORS_DTYPES[sl.get_dtype()], device="meta")
+        return f.get_tensor(key)
+
+
+SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+                      "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+                      "U8": torch.uint8, "BOOL": torch.bool}
+
+
+def write_safetensors(path: Path, specs: dict, make, metadata=None):
+    """Write a .safetensors file one tensor at a time: `specs` maps name -> meta tensor, `make(name)` -> tensor.
+
+    The format is an 8-byte header length, a JSON header of dtypes, shapes and byte offsets, then raw data,
+    so the header can be written from shapes alone before any tensor is materialised.
+    """
+    to_code = {v: k for k, v in SAFETENSORS_DTYPES.items()}
+    header, offset = {"__metadata__": metadata or {"format": "pt"}}, 0
+    for name, t in specs.items():
+        nbytes = t.numel() * t.element_size()
+        header[name] = {"dtype": to_code[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    blob = json.dumps(header, separators=(",", ":")).encode()
+    blob += b" " * (-len(blob) % 8)
+    with open(path, "wb") as f:
+        f.write(len(blob).to_bytes(8, "little") + blob)
+        for name, spec in specs.items():
+            t = make(name).to(spec.dtype).contiguous()
+            if t.shape != spec.shape:
+                raise ValueError(f"{name}: produced shape {tuple(t.shape)}, planned {tuple(spec.shape)}")
+            f.write(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+
+
+# ----------------------------------------------------------------------------- configs
+
+# transformers writes only non-default fields in older checkpoints, so its defaults must be known here.
+HF_DEFAULTS = {
+    "clip_vision_model": dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+                              image_size=224, patch_size=32, hidden_act="quick_gelu", layer_norm_eps=1e-5),
+    "siglip_vision_model": dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
+                                num_attention_heads=12, image_size=224, patch_size=16,
+                                hidden_act="gelu_pytorch_tanh", layer_norm_eps=1e-6),
+    "llama": dict(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
+                  num_attention_heads=32, max_position_embeddings=2048, rms_norm_eps=1e-6, rope_theta=10000.0,
+                  tie_word_embeddings=False, attention_bias=False),
+    "mistral": dict(vocab_size=32000, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                    num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=4096 * 32,
+                    rms_norm_eps=1e-6, rope_theta=10000.0, tie_word_embeddings=False, attention_bias=False),
+}
+# llava-hf's defaults when a config omits its sub-configs: CLIP-L/14-336 and a Llama.
+LLAVA_DEFAULT_VISION = dict(model_type="clip_vision_model", hidden_size=1024, intermediate_size=4096,
+                            num_hidden_layers=24, num_attention_heads=16, image_size=336, patch_size=14)
+HF_ACT = {"quick_gelu": "quick_gelu", "gelu_pytorch_tanh": "gelu_tanh", "gelu": "gelu"}
+SIGLIP_IMAGE_STATS = dict(image_mean=(0.5, 0.5, 0.5), image_std=(0.5, 0.5, 0.5))
+
+
+def with_defaults(c: dict, fallback_type: str) -> dict:
+    kind = c.get("model_type", fallback_type)
+    if kind in ("clip", "siglip"):  # a full two-tower config: the vision part is nested
+        return with_defaults(c.get("vision_config", {}), kind + "_vision_model")
+    kind = {"clip": "clip_vision_model", "siglip": "siglip_vision_model"}.get(kind, kind)
+    if kind not in HF_DEFAULTS:
+        raise ValueError(f"unsupported model_type {kind!r} (supported: {', '.join(HF_DEFAULTS)})")
+    return HF_DEFAULTS[kind] | c | {"model_type": kind}
+
+
+def vit_config_from_hf(c: dict) -> ViTConfig:
+    c = with_defaults(c, "clip_vision_model")
+    siglip = c["model_type"] == "siglip_vision_model"
+    if c["hidden_act"] not in HF_ACT:
+        raise ValueError(f"unsupported vision hidden_act {c['hidden_act']!r}")
+    return ViTConfig(
+        image_size=c["image_size"], patch_size=c["patch_size"], width=c["hidden_size"],
+        depth=c["num_hidden_layers"], heads=c["num_attention_heads"], mlp_dim=c["intermediate_size"],
+        act=HF_ACT[c["hidden_act"]], norm_eps=c["layer_norm_eps"], class_token=not siglip, patch_bias=siglip,
+        pre_norm=not siglip, post_norm=siglip, **(SIGLIP_IMAGE_STATS if siglip else {}),
+    )
+
+
+def rope_from_hf(c: dict) -> tuple[float, dict | None]:
+    """(theta, scaling) from transformers-4 `rope_theta` + `rope_scaling` or transformers-5 `rope_parameters`."""
+    params = dict(c.get("rope_parameters") or c.get("rope_scaling") or {})
+    theta = params.pop("rope_theta", c.get("rope_theta", 10000.0))
+    kind = params.pop("rope_type", params.pop("type", "default"))
+    if kind == "default":
+        return theta, None
+    if kind == "linear":
+        return theta, {"type": "linear", "factor": params["factor"]}
+    if kind == "llama3":
+        keys = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
+        return theta, {"type": "llama3", **{k: params[k] for k in keys}}
+    raise ValueError(f"unsupported RoPE scaling {kind!r} (supported: default, linear, llama3)")
+
+
+def llama_config_from_hf(c: dict) -> LlamaConfig:
+    c = with_defaults(c, "llama")
+    if c.get("hidden_act", "silu") != "silu":
+        raise ValueError(f"unsupported LM hidden_act {c['hidden_act']!r} (Llama uses silu)")
+    theta, scaling = rope_from_hf(c)
+    return LlamaConfig(
+        vocab_size=c["vocab_size"], dim=c["hidden_size"], n_layers=c["num_hidden_layers"],
+        n_heads=c["num_attention_heads"], n_kv_heads=c.get("num_key_value_heads"), head_dim=c.get("head_dim"),
+        hidden_dim=c["intermediate_size"], norm_eps=c["rms_norm_eps"], rope_theta=theta, rope_scaling=scaling,
+        max_seq_len=c["max_position_embeddings"], attn_bias=c["attention_bias"],
+        tie_embeddings=c["tie_word_embeddings"],
+    )
+
+
+def read_config(directory: Path) -> dict:
+    path = directory / "config.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: not found")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path}: invalid JSON at line {err.lineno} column {err.colno}") from None
+
+
+# ----------------------------------------------------------------------------- weight maps
+
+STALE_BUFFERS = (r"rotary_emb\.inv_freq$", r"position_ids$")  # saved by old transformers, recomputed here
+# CLIP's pooled-output norm and SigLIP's pooling head (LLaVA reads patch features), plus a two-tower model's text side
+VISION_DROPPED = (r"post_layernorm\.", r"\bhead\.", r"^text_model\.", r"^(logit_scale|logit_bias)$",
+                  r"^(visual|text)_projection\.")
+
+# Our key -> transformers' key(s). A tuple is concatenated along dim 0 into one fused tensor.
+VIT_MAP = {
+    "patch_embed.weight": "embeddings.patch_embedding.weight",
+    "patch_embed.bias": "embeddings.patch_embedding.bias",
+    "cls_token": "embeddings.class_embedding",
+    "pos_embed": "embeddings.position_embedding.weight",
+    "pre_norm.weight": "pre_layrnorm.weight",
+    "pre_norm.bias": "pre_layrnorm.bias",
+    "post_norm.weight": "post_layernorm.weight",
+    "post_norm.bias": "post_layernorm.bias",
+    "blocks.{}.norm1.weight": "encoder.layers.{}.layer_norm1.weight",
+    "blocks.{}.norm1.bias": "encoder.layers.{}.layer_norm1.bias",
+    "blocks.{}.attn.qkv.weight": tuple(f"encoder.layers.{{}}.self_attn.{p}_proj.weight" for p in "qkv"),
+    "blocks.{}.attn.qkv.bias": tuple(f"encoder.layers.{{}}.self_attn.{p}_proj.bias" for p in "qkv"),
+    "blocks.{}.attn.proj.weight": "encoder.layers.{}.self_attn.out_proj.weight",
+    "blocks.{}.attn.proj.bias": "encoder.layers.{}.self_attn.out_proj.bias",
+    "blocks.{}.norm2.weight": "encoder.layers.{}.layer_norm2.weight",
+    "blocks.{}.norm2.bias": "encoder.layers.{}.layer_norm2.bias",
+    "blocks.{}.mlp.fc1.weight": "encoder.layers.{}.mlp.fc1.weight",
+    "blocks.{}.mlp.fc1.bias": "encoder.layers.{}.mlp.fc1.bias",
+    "blocks.{}.mlp.fc2.weight": "encoder.layers.{}.mlp.fc2.weight",
+    "blocks.{}.mlp.fc2.bias": "encoder.layers.{}.mlp.fc2.bias",
+}
+LLAMA_MAP = {  # relative to the decoder body ("model." in LlamaForCausalLM); the head is mapped separately
+    "tok_embed.weight": "embed_tokens.weight",
+    "blocks.{}.attn_norm.weight": "layers.{}.input_layernorm.weight",
+    "blocks.{}.attn.qkv.weight": tuple(f"layers.{{}}.self_attn.{p}_proj.weight" for p in "qkv"),
+    "blocks.{}.attn.qkv.bias": tuple(f"layers.{{}}.self_attn.{p}_proj.bias" for p in "qkv"),
+    "blocks.{}.attn.proj.weight": "layers.{}.self_attn.o_proj.weight",
+    "blocks.{}.attn.proj.bias": "layers.{}.self_attn.o_proj.bias",
+    "blocks.{}.mlp_norm.weight": "layers.{}.post_attention_layernorm.weight",
+    "blocks.{}.mlp.gate_up.weight": ("layers.{}.mlp.gate_proj.weight", "layers.{}.mlp.up_proj.weight"),
+    "blocks.{}.mlp.down.weight": "layers.{}.mlp.down_proj.weight",
+    "norm.weight": "norm.weight",
+}
+LLAVA_HF_PROJECTOR_MAP = {"net.0.weight": "linear_1.weight", "net.0.bias": "linear_1.bias",
+                          "net.2.weight": "linear_2.weight", "net.2.bias": "linear_2.bias"}
+LLAVA_ORIG_PROJECTOR_MAP = {  # original LLaVA: nn.Sequential for mlp2x_gelu, a bare Linear for `linear`
+    "mlp2x_gelu": {f"net.{i}.{p}": f"mm_projector.{i}.{p}" for i in (0, 2) for p in ("weight", "bias")},
+    "linear": {f"net.0.{p}": f"mm_projector.{p}" for p in ("weight", "bias")},
+}
+
+
+def expand(weight_map: dict, ours: str, theirs: str, n_layers: int) -> dict:
+    """Prefix both sides and unroll `{}` over layers: {our full key: their key or tuple of keys}."""
+    out = {}
+    for k, v in weight_map.items():
+        for i in range(n_layers) if "{}" in k else [0]:
+            names = v if isinstance(v, tuple) else (v,)
+            names = tuple(theirs + n.format(i) for n in names)
+            out[ours + k.format(i)] = names if isinstance(v, tuple) else names[0]
+    return out
+
+
+def vision_prefix(src: Source, base: str) -> str:
+    """Vision tower keys come with or without `vision_model.` (CLIPModel, CLIPVisionModel, saved variants)."""
+    for prefix in (base + "vision_model.", base):
+        if prefix + "embeddings.patch_embedding.weight" in src.keys():
+            return prefix
+    raise KeyError(f"no vision tower found (looked for '{base}[vision_model.]embeddings.patch_embedding.weight')")
+
+
+def lm_prefixes(src: Source, candidates) -> tuple[str, str]:
+    """(body prefix, head key) of the first layout whose embedding table is present."""
+    for body, head in candidates:
+        if body + "embed_tokens.weight" in src.keys():
+            return body, head
+    looked = ", ".join(body + "embed_tokens.weight" for body, _ in candidates)
+    raise KeyError(f"no language model found (looked for {looked})")
+
+
+# ----------------------------------------------------------------------------- building a checkpoint
+
+
+class Plan:
+    """Everything needed to write one of our checkpoints: the config, and each tensor's recipe."""
+
+    def __init__(self, cfg: VLMConfig):
+        self.cfg = cfg
+        self.recipes: dict = {}  # our key -> callable(meta: bool) -> tensor
+        self.used: set[str] = set()  # their keys consumed so far
+
+    def take(self, src: Source, mapping: dict, expected: set):
+        for ours, theirs in mapping.items():
+            if ours not in expected:
+                continue
+            self.used.update(theirs if isinstance(theirs, tuple) else [theirs])
+            if isinstance(theirs, tuple):
+                self.recipes[ours] = lambda meta, t=theirs: torch.cat([src.get(k, meta) for k in t])
+            else:
+                self.recipes[ours] = lambda meta, t=theirs: src.get(t, meta)
+
+    def check_all_used(self, src: Source, prefix: str, ignore=()):
+        """Refuse tensors under `prefix` that nothing consumed: an unknown layout must not convert silently.
+
+        `ignore` lists patterns of tensors dropped on purpose (stale buffers, heads LLaVA never uses).
+        """
+        ignore = STALE_BUFFERS + tuple(ignore)
+        left = [k for k in src.keys() if k.startswith(prefix) and k not in self.used
+                and not any(re.search(p, k) for p in ignore)]
+        if left:
+            raise KeyError(f"tensor '{left[0]}' has no place in our model (unsupported variant?)"
+                           f"{f' and {len(left) - 1} more' if len(left) > 1 else ''}")
+
+    def write(self, out: Path, dtype=None, tokenizer: Path | None = None) -> str:
+        with torch.device("meta"):
+            expected = VLM(self.cfg).state_dict()
+        skip = {"lm.head.weight"} if self.cfg.lm.tie_embeddings else set()
+        wanted = {k for k in expected if k not in skip}
+        missing, extra = sorted(wanted - self.recipes.keys()), sorted(self.recipes.keys() - wanted)
+        if missing or extra:
+            raise KeyError(f"weight map mismatch: missing {missing[:3]}, unexpected {extra[:3]}")
+        specs = {}
+        for k in sorted(wanted):
+            t = self.recipes[k](True)
+            if t.shape != expected[k].shape:
+                raise ValueError(f"tensor '{k}': checkpoint gives shape {tuple(t.shape)}, config expects "
+                                 f"{tuple(expected[k].shape)}")
+            specs[k] = t.to(dtype) if dtype is not None and t.is_floating_point() else t
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.json").write_text(json.dumps(self.cfg.to_dict(), indent=2) + "\n")
+        write_safetensors(out / "model.safetensors", specs, lambda k: self.recipes[k](False))
+        if tokenizer is not None and tokenizer.is_file():
+            shutil.copyfile(tokenizer, out / "tokenizer.model")
+        n_params = sum(t.numel() for t in specs.values())
+        dtypes = sorted({str(t.dtype).removeprefix("torch.") for t in specs.values()})
+        return (f"wrote {out}: {n_params / 1e6:.1f}M parameters, {'/'.join(dtypes)}, "
+                f"{self.cfg.num_image_tokens} image tokens per image")
+
+
+def add_image_token_row(plan: Plan):
+    """Append one row for the <image> placeholder (as llava-hf does), initialised to the mean row."""
+    for key in ("lm.tok_embed.weight", "lm.head.weight"):
+        if key in plan.recipes:
+            base = plan.recipes[key]
+            plan.recipes[key] = lambda meta, b=base: _append_mean_row(b(meta))
+
+
+def _append_mean_row(t):
+    if t.is_meta:
+        return torch.empty(t.shape[0] + 1, *t.shape[1:], dtype=t.dtype, device="meta")
+    return torch.cat([t, t.float().mean(0, keepdim=True).to(t.dtype)])
+
+
+def take_vision_tower(plan: Plan, src: Source, expected: set):
+    """A standalone tower dir: CLIPModel / SiglipModel (text side ignored) or a bare vision model."""
+    prefix = vision_prefix(src, "")
+    plan.take(src, expand(VIT_MAP, "vision.", prefix, plan.cfg.vision.depth), expected)
+    plan.check_all_used(src, prefix, VISION_DROPPED)
+
+
+def fresh_projector(plan: Plan, dtype, seed: int):
+    torch.manual_seed(seed)
+    proj = Projector(plan.cfg.projector, plan.cfg.vision.width, plan.cfg.lm.dim).to(dtype)
+    for k, v in proj.state_dict().items():
+        plan.recipes["projector." + k] = lambda meta, v=v: v.to("meta") if meta else v
+
+
+def from_towers(vision_dir: Path, lm_dir: Path, projector: str, seed: int) -> Plan:
+    """A new VLM from a vision tower and a language model; only the projector is new."""
+    vision_cfg = vit_config_from_hf(read_config(vision_dir))
+    lm_cfg = llama_config_from_hf(read_config(lm_dir))
+    vocab = lm_cfg.vocab_size
+    lm_cfg.vocab_size += 1  # the placeholder gets the next id
+    cfg = VLMConfig(vision_cfg, lm_cfg, ProjectorConfig(projector), image_token_id=vocab,
+                    feature_layer=-2 if vision_cfg.class_token else -1, drop_cls=vision_cfg.class_token)
+    plan = Plan(cfg)
+    with torch.device("meta"):
+        expected = set(VLM(cfg).state_dict())
+    vsrc, lsrc = Source.from_dir(vision_dir), Source.from_dir(lm_dir)
+    take_vision_tower(plan, vsrc, expected)
+    body, head = lm_prefixes(lsrc, [("model.", "lm_head.weight"), ("", "lm_head.weight")])
+    plan.take(lsrc, expand(LLAMA_MAP, "lm.", body, lm_cfg.n_layers), expected)
+    if not lm_cfg.tie_embeddings:
+        plan.take(lsrc, {"lm.head.weight": head}, expected)
+    plan.check_all_used(lsrc, body, [r"^lm_head\.weight$"])  # a tied checkpoint may still store the head
+    add_image_token_row(plan)
+    fresh_projector(plan, lsrc.get(body + "embed_tokens.weight", meta=True).dtype, seed)
+    return plan
+
+
+def from_llava(llava_dir: Path, vision_dir: Path | None) -> Plan:
+    c = read_config(llava_dir)
+    if c.get("model_type") == "llava":
+        return from_llava_hf(llava_dir, c)
+    if "mm_projector_type" in c or "mm_vision_tower" in c:
+        return from_llava_original(llava_dir, c, vision_dir)
+    raise ValueError(f"{llava_dir / 'config.json'}: not a LLaVA config (model_type {c.get('model_type')!r})")
+
+
+def from_llava_hf(llava_dir: Path, c: dict) -> Plan:
+    """llava-hf layouts: legacy `language_model.model.*` and newer `model.language_model.*` + `lm_head`."""
+    vision_cfg = vit_config_from_hf(c.get("vision_config") or LLAVA_DEFAULT_VISION)
+    lm_cfg = llama_config_from_hf(c.get("text_config") or {})
+    if c.get("projector_hidden_act", "gelu") != "gelu":
+        raise ValueError(f"unsupported projector_hidden_act {c['projector_hidden_act']!r}")
+    layer = c.get("vision_feature_layer", -2)
+    if not isinstance(layer, int):
+        raise ValueError(f"vision_feature_layer {layer!r}: only a single layer is supported")
+    strategy = c.get("vision_feature_select_strategy", "default")
+    cfg = VLMConfig(vision_cfg, lm_cfg, ProjectorConfig("mlp2x_gelu"),
+                    image_token_id=c.get("image_token_index", c.get("image_token_id", 32000)),
+                    feature_layer=layer, drop_cls=strategy == "default")
+    if not c.get("multimodal_projector_bias", True):
+        raise ValueError("multimodal_projector_bias=false is not supported")
+    plan = Plan(cfg)
+    with torch.device("meta"):
+        expected = set(VLM(cfg).state_dict())
+    src = Source.from_dir(llava_dir)
+    body, head = lm_prefixes(src, [("language_model.model.", "language_model.lm_head.weight"),
+                                   ("model.language_model.", "lm_head.weight")])
+    outer = "" if body.startswith("language_model.") else "model."  # legacy keys have no outer "model."
+    plan.take(src, expand(VIT_MAP, "vision.", vision_prefix(src, outer + "vision_tower."), vision_cfg.depth), expected)
+    plan.take(src, expand(LLAMA_MAP, "lm.", body, lm_cfg.n_layers), expected)
+    if not lm_cfg.tie_embeddings:
+        plan.take(src, {"lm.head.weight": head}, expected)
+    plan.take(src, expand(LLAVA_HF_PROJECTOR_MAP, "projector.", outer + "multi_modal_projector.", 0), expected)
+    plan.check_all_used(src, "", VISION_DROPPED + (r"lm_head\.weight$",))
+    return plan
+
+
+def from_llava_original(llava_dir: Path, c: dict, vision_dir: Path | None) -> Plan:
+    """The original LLaVA repo: Llama weights + `model.mm_projector.*` in pytorch_model*.bin (or mm_projector.bin)."""
+    if vision_dir is None:
+        raise ValueError("original LLaVA checkpoints do not include the vision tower: pass --vision CLIP_DIR")
+    kind = c.get("mm_projector_type", "linear")
+    if kind not in LLAVA_ORIG_PROJECTOR_MAP:
+        raise ValueError(f"unsupported mm_projector_type {kind!r} (supported: {', '.join(LLAVA_ORIG_PROJECTOR_MAP)})")
+    vision_cfg = vit_config_from_hf(read_config(vision_dir))
+    lm_cfg = llama_config_from_hf({k: v for k, v in c.items() if not k.startswith("mm_")} | {"model_type": "llama"})
+    vocab = lm_cfg.vocab_size
+    lm_cfg.vocab_size += 1  # LLaVA used id -200 for <image>; we give it a real row
+    cfg = VLMConfig(vision_cfg, lm_cfg, ProjectorConfig(kind), image_token_id=vocab,
+                    feature_layer=c.get("mm_vision_select_layer", -2),
+                    drop_cls=c.get("mm_vision_select_feature", "patch") == "patch")
+    plan = Plan(cfg)
+    with torch.device("meta"):
+        expected = set(VLM(cfg).state_dict())
+    vsrc, lsrc = Source.from_dir(vision_dir), Source.from_dir(llava_dir, exclude=("mm_projector.bin",))
+    take_vision_tower(plan, vsrc, expected)
+    plan.take(lsrc, expand(LLAMA_MAP, "lm.", "model.", lm_cfg.n_layers), expected)
+    if not lm_cfg.tie_embeddings:
+        plan.take(lsrc, {"lm.head.weight": "lm_head.weight"}, expected)
+    add_image_token_row(plan)
+    proj_src = lsrc
+    if "model.mm_projector.0.weight" not in lsrc.keys() and "model.mm_projector.weight" not in lsrc.keys():
+        if not (llava_dir / "mm_projector.bin").is_file():
+            raise FileNotFoundError(f"{llava_dir}: no mm_projector weights in the checkpoint and no mm_projector.bin")
+        proj_src = Source([llava_dir / "mm_projector.bin"])
+    plan.take(proj_src, expand(LLAVA_ORIG_PROJECTOR_MAP[kind], "projector.", "model.", 0), expected)
+    # a finetuned LLaVA may carry its (frozen) tower too; we take the one given by --vision
+    plan.check_all_used(lsrc, "", [r"^model\.vision_tower\.", r"^lm_head\.weight$"])
+    return plan
+
+
+# ----------------------------------------------------------------------------- export to transformers
+
+
+def to_hf(ckpt: Path, out: Path) -> str:
+    """Write our checkpoint as a llava-hf directory (legacy key layout, which every transformers version loads)."""
+    model = VLM.from_pretrained(ckpt)
+    cfg = model.cfg
+    if cfg.projector.kind != "mlp2x_gelu":
+        raise ValueError(f"transformers' LLaVA has only the mlp2x_gelu projector; this one is {cfg.projector.kind!r}")
+    v, lm = cfg.vision, cfg.lm
+    siglip = not v.class_token
+    act = {"quick_gelu": "quick_gelu", "gelu_tanh": "gelu_pytorch_tanh", "gelu": "gelu"}[v.act]
+    vision_config = dict(model_type="siglip_vision_model" if siglip else "clip_vision_model", hidden_size=v.width,
+                         intermediate_size=v.mlp_dim, num_hidden_layers=v.depth, num_attention_heads=v.heads,
+                         image_size=v.image_size, patch_size=v.patch_size, hidden_act=act, layer_norm_eps=v.norm_eps)
+    rope = {"rope_type": "default"} if lm.rope_scaling is None else {
+        "rope_type": lm.rope_scaling["type"], **{k: x for k, x in lm.rope_scaling.items() if k != "type"}}
+    text_config = dict(model_type="llama", vocab_size=lm.vocab_size, hidden_size=lm.dim,
+                       intermediate_size=lm.hidden_dim, num_hidden_layers=lm.n_layers, num_attention_heads=lm.n_heads,
+                       num_key_value_heads=lm.n_kv_heads, head_dim=lm.head_dim, rms_norm_eps=lm.norm_eps,
+                       max_position_embeddings=lm.max_seq_len, attention_bias=lm.attn_bias,
+                       tie_word_embeddings=lm.tie_embeddings, rope_theta=lm.rope_theta,
+                       rope_scaling=rope, rope_parameters=rope | {"rope_theta": lm.rope_theta})
+    config = dict(architectures=["LlavaForConditionalGeneration"], model_type="llava", vision_config=vision_config,
+                  text_config=text_config, image_token_index=cfg.image_token_id, projector_hidden_act="gelu",
+                  vision_feature_layer=cfg.feature_layer, image_seq_length=cfg.num_image_tokens,
+                  vision_feature_select_strategy="default" if cfg.drop_cls else "full",
+                  multimodal_projector_bias=True, tie_word_embeddings=lm.tie_embeddings)
+    ours = model.state_dict()
+    theirs = {}  # their key -> (our key, slice index within a fused tensor)
+    maps = [(expand(VIT_MAP, "vision.", "vision_tower.vision_model.", v.depth)),
+            (expand(LLAMA_MAP, "lm.", "language_model.model.", lm.n_layers)),
+            (expand(LLAVA_HF_PROJECTOR_MAP, "projector.", "multi_modal_projector.", 0))]
+    for mapping in maps:
+        for our_key, their_key in mapping.items():
+            if our_key in ours:
+                theirs.update(split_fused(our_key, their_key, ours[our_key], cfg))
+    if not lm.tie_embeddings:
+        theirs["language_model.lm_head.weight"] = ours["lm.head.weight"]
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    specs = {k: t.to("meta") for k, t in theirs.items()}
+    write_safetensors(out / "model.safetensors", specs, theirs.__getitem__)
+    if (ckpt / "tokenizer.model").is_file():
+        shutil.copyfile(ckpt / "tokenizer.model", out / "tokenizer.model")
+    return f"wrote {out}: {sum(t.numel() for t in theirs.values()) / 1e6:.1f}M parameters, transformers LLaVA format"
+
+
+def split_fused(our_key: str, their_key, tensor: torch.Tensor, cfg: VLMConfig) -> dict:
+    """Undo our q/k/v and gate/up fusion: {their key: tensor}."""
+    if not isinstance(their_key, tuple):
+        return {their_key: tensor}
+    if our_key.startswith("lm.") and ".attn.qkv." in our_key:
+        lm = cfg.lm
+        sizes = [lm.n_heads * lm.head_dim, lm.n_kv_heads * lm.head_dim, lm.n_kv_heads * lm.head_dim]
+    else:
+        sizes = [tensor.size(0) // len(their_key)] * len(their_key)
+    return dict(zip(their_key, tensor.split(sizes), strict=True))
+
+
+# ----------------------------------------------------------------------------- CLI
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(
+        description="Convert CLIP/SigLIP + Llama/Mistral, or LLaVA checkpoints, into vlm_from_scratch checkpoints "
+                    "(config.json + model.safetensors + tokenizer.model), or export ours to transformers' LLaVA.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--vision", type=Path, help="HF vision tower dir: CLIPModel, CLIPVisionModel, SiglipModel or "
+                                                "SiglipVisionModel (also the tower for an original-LLaVA --llava)")
+    p.add_argument("--lm", type=Path, help="HF language model dir: Llama-2/3, TinyLlama, Mistral, Vicuna")
+    p.add_argument("--projector", default="mlp2x_gelu", choices=["linear", "mlp2x_gelu", "pixel_shuffle"],
+                   help="projector to initialise fresh when building from --vision + --lm")
+    p.add_argument("--llava", type=Path, help="a llava-hf dir (any key layout), or an original LLaVA repo dir "
+                                               "(pytorch_model*.bin [+ mm_projector.bin]; needs --vision)")
+    p.add_argument("--to-hf", type=Path, metavar="CKPT",
+                   help="export one of our checkpoints to transformers' LLaVA format")
+    p.add_argument("--out", type=Path, required=True, help="output directory")
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
+                   help="cast floating-point weights (default: keep the checkpoint's dtype)")
+    p.add_argument("--seed", type=int, default=0, help="seed for the freshly initialised projector")
+    args = p.parse_args(argv)
+    dtype = getattr(torch, args.dtype) if args.dtype else None
+    try:
+        if args.to_hf:
+            print(to_hf(args.to_hf, args.out))
+        elif args.llava:
+            tok_dir = args.llava
+            print(from_llava(args.llava, args.vision).write(args.out, dtype, tok_dir / "tokenizer.model"))
+        elif args.vision and args.lm:
+            plan = from_towers(args.vision, args.lm, args.projector, args.seed)
+            print(plan.write(args.out, dtype, args.lm / "tokenizer.model"))
+        else:
+            p.error("give --vision and --lm, or --llava, or --to-hf")
+    except (OSError, KeyError, ValueError, RuntimeError) as err:
+        raise SystemExit(f"convert_weights: {err.args[0] if isinstance(err, KeyError) else err}") from None
+
+
+if __name__ == "__main__":
+    main()

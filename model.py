@@ -1,0 +1,321 @@
+"""The vision-language model: a ViT, a projector and a Llama, joined LLaVA-style (Liu et al. 2023).
+
+The image is encoded into patch features, projected to the LM's width, and written into the token
+embeddings where the prompt holds `image_token_id` placeholders. Everything after that is a plain
+decoder-only LM. This file also holds the presets, the loss, generation and checkpoint I/O.
+"""
+
+import dataclasses
+import json
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from llama import Llama, LlamaConfig, rope_frequencies
+from lora import LoRALinear
+from projector import Projector, ProjectorConfig
+from vit import VisionTransformer, ViTConfig, siglip_config
+
+IGNORE = -100  # label of positions that carry no loss (prompt, image, padding)
+
+
+@dataclass
+class VLMConfig:
+    vision: ViTConfig = field(default_factory=ViTConfig)
+    lm: LlamaConfig = field(default_factory=LlamaConfig)
+    projector: ProjectorConfig = field(default_factory=ProjectorConfig)
+    image_token_id: int = 32000  # the placeholder id; a real row of the embedding table
+    feature_layer: int = -2  # which ViT hidden state feeds the projector (LLaVA: penultimate)
+    drop_cls: bool = True  # LLaVA's "default" strategy drops the CLS token; "full" keeps it
+    image_mode: str = "pad"  # LLaVA-1.5 pads images to square; "crop" centre-crops like CLIP
+    template: str = "vicuna_v1"  # the chat template the model was (or will be) finetuned with
+
+    def __post_init__(self):
+        if not 0 <= self.image_token_id < self.lm.vocab_size:
+            raise ValueError(f"image_token_id {self.image_token_id} is outside the vocab of {self.lm.vocab_size}")
+        if self.drop_cls and not self.vision.class_token:
+            raise ValueError("drop_cls=True, but the vision tower has no class token")
+        if self.projector.kind == "pixel_shuffle" and self.vision.class_token and not self.drop_cls:
+            raise ValueError("pixel_shuffle needs a square patch grid: set drop_cls=True")
+
+    @property
+    def num_image_tokens(self) -> int:
+        """How many placeholder tokens one image occupies in the prompt."""
+        patches = self.vision.num_patches + (self.vision.class_token and not self.drop_cls)
+        return self.projector.num_tokens(patches)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "VLMConfig":
+        parts = {"vision": ViTConfig, "lm": LlamaConfig, "projector": ProjectorConfig}
+        try:
+            return cls(**{k: parts[k](**v) if k in parts else v for k, v in d.items()})
+        except TypeError as err:  # an unknown or missing field
+            raise ValueError(f"bad model config: {err}") from None
+
+
+def tiny_config(vocab_size: int = 512) -> VLMConfig:
+    """A from-scratch model small enough to learn ShapesWorld on a laptop CPU in minutes."""
+    vision = ViTConfig(image_size=64, patch_size=8, width=128, depth=4, heads=4, mlp_dim=512,
+                       image_mean=(0.5, 0.5, 0.5), image_std=(0.5, 0.5, 0.5))
+    lm = LlamaConfig(vocab_size=vocab_size + 1, dim=256, n_layers=4, n_heads=4, n_kv_heads=2,
+                     hidden_dim=640, max_seq_len=256, tie_embeddings=True)
+    return VLMConfig(vision, lm, ProjectorConfig("mlp2x_gelu"), image_token_id=vocab_size,
+                     feature_layer=-1, template="vicuna_v1")
+
+
+CLIP_L_336 = dict(image_size=336, patch_size=14, width=1024, depth=24, heads=16, mlp_dim=4096)
+VICUNA_7B = dict(vocab_size=32064, dim=4096, n_layers=32, n_heads=32, hidden_dim=11008, max_seq_len=4096)
+TINYLLAMA = dict(vocab_size=32001, dim=2048, n_layers=22, n_heads=32, n_kv_heads=4, hidden_dim=5632,
+                 max_seq_len=2048)
+
+PRESETS = {
+    "tiny": tiny_config,
+    "small": lambda: VLMConfig(  # the CPU benchmark shape (issue #6)
+        ViTConfig(image_size=112, patch_size=14, width=256, depth=5, heads=4, mlp_dim=1024),
+        LlamaConfig(vocab_size=32001, dim=256, n_layers=4, n_heads=4, n_kv_heads=2, hidden_dim=688,
+                    max_seq_len=512),
+        image_token_id=32000,
+    ),
+    "small-siglip": lambda: VLMConfig(
+        siglip_config(image_size=112, patch_size=14, width=256, depth=5, heads=4, mlp_dim=1024),
+        LlamaConfig(vocab_size=32001, dim=256, n_layers=4, n_heads=4, n_kv_heads=2, hidden_dim=688),
+        image_token_id=32000, feature_layer=-1, drop_cls=False,
+    ),
+    "llava-1.5-7b": lambda: VLMConfig(ViTConfig(**CLIP_L_336), LlamaConfig(**VICUNA_7B), image_token_id=32000),
+    "tinyllava-1.1b": lambda: VLMConfig(ViTConfig(**CLIP_L_336), LlamaConfig(**TINYLLAMA), image_token_id=32000),
+}
+
+
+def preset(name: str) -> VLMConfig:
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; choose from {', '.join(PRESETS)}")
+    return PRESETS[name]()
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def left_align(input_ids, attention_mask):
+    """Move each row's real tokens to the right end, so new tokens follow them directly (left padding)."""
+    order = torch.argsort(attention_mask.long(), dim=1, stable=True)  # padding first, then tokens in order
+    return input_ids.gather(1, order), attention_mask.gather(1, order)
+
+
+def attention_mask_for(valid, slots):
+    """valid (B, S) marks filled, non-padding cache slots; slots (T,) are the queries' own slots.
+
+    Returns (B, 1, T, S): causal, no padding keys, and each query always sees itself, so a padding
+    query's softmax is never over an empty set (which would give NaN).
+    """
+    key = torch.arange(valid.size(1), device=valid.device)
+    causal = key[None, :] <= slots[:, None]  # (T, S)
+    mask = causal[None] & valid[:, None, :]  # (B, T, S)
+    return (mask | (key[None, :] == slots[:, None]))[:, None]  # (B, 1, T, S)
+
+
+def sample(logits, temperature=0.0, top_k=None, top_p=1.0, generator=None):
+    """logits (B, V) -> next token (B,): greedy at temperature 0, else temperature / top-k / nucleus sampling."""
+    if temperature == 0:
+        return logits.argmax(-1)
+    logits = logits.float() / temperature
+    if top_k is not None:
+        kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        probs = sorted_logits.softmax(-1)
+        drop = probs.cumsum(-1) - probs > top_p  # tokens entirely past the nucleus
+        logits = logits.scatter(1, order, sorted_logits.masked_fill(drop, float("-inf")))
+    return torch.multinomial(logits.softmax(-1), 1, generator=generator).squeeze(1)
+
+
+# ----------------------------------------------------------------------------- the model
+
+
+class VLM(nn.Module):
+    def __init__(self, cfg: VLMConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.vision = VisionTransformer(cfg.vision)
+        self.projector = Projector(cfg.projector, cfg.vision.width, cfg.lm.dim)
+        self.lm = Llama(cfg.lm)
+
+    def encode_images(self, pixel_values):
+        """(N, 3, H, W) -> (N, num_image_tokens, C_lm)"""
+        features = self.vision(pixel_values, self.cfg.feature_layer)  # (N, 1 + P, C_vision) with CLS
+        if self.cfg.drop_cls:
+            features = features[:, 1:]  # (N, P, C_vision)
+        return self.projector(features)
+
+    def embed(self, input_ids, pixel_values=None):
+        """Token embeddings with each image's features spliced over its placeholder block: (B, T, C)."""
+        x = self.lm.tok_embed(input_ids)  # (B, T, C)
+        is_image = input_ids == self.cfg.image_token_id  # (B, T)
+        n_slots = int(is_image.sum())
+        if pixel_values is None:
+            if n_slots:
+                raise ValueError(f"input_ids hold {n_slots} image placeholder tokens but no pixel_values were given")
+            return x
+        image_features = self.encode_images(pixel_values)  # (N, P, C)
+        N, P, _ = image_features.shape
+        if n_slots != N * P:
+            raise ValueError(
+                f"input_ids hold {n_slots} image placeholder tokens, but {N} images x {P} tokens "
+                f"= {N * P} image features were given"
+            )
+        # masked_scatter fills the placeholders in row-major order: images in the order they appear.
+        return x.masked_scatter(is_image[..., None], image_features.to(x.dtype))
+
+    def forward(self, input_ids, pixel_values=None, labels=None, num_tokens=None, attention_mask=None):
+        """-> (logits, loss). Without labels: logits (B, T, V) and loss None.
+
+        With labels: (None, loss). The loss is the summed cross-entropy over labels != -100 divided by
+        `num_tokens` (default: this batch's count); pass the global batch's count so gradient accumulation
+        and DDP average over the same tokens as one big batch. Only supervised positions reach the LM
+        head, so most image and prompt positions never materialise vocab-sized logits.
+        """
+        x = self.embed(input_ids, pixel_values)
+        if attention_mask is None:
+            positions = torch.arange(input_ids.size(1), device=x.device).expand_as(input_ids)
+            h = self.lm(x, positions)
+        else:  # left padding: real tokens count positions from 0, padding never attends or is attended
+            positions = (attention_mask.long().cumsum(1) - 1).clamp(min=0)
+            slots = torch.arange(input_ids.size(1), device=x.device)
+            h = self.lm(x, positions, attention_mask_for(attention_mask.bool(), slots))
+        if labels is None:
+            return self.lm.head(h), None
+        targets = labels[:, 1:]  # position t predicts token t + 1
+        supervised = targets != IGNORE
+        logits = self.lm.head(h[:, :-1][supervised]).float()  # (N_supervised, V)
+        loss = F.cross_entropy(logits, targets[supervised], reduction="sum")
+        return None, loss / (num_tokens if num_tokens is not None else supervised.sum().clamp(min=1))
+
+    # ------------------------------------------------------------------------- generation
+
+    @torch.inference_mode()
+    def generate(self, input_ids, pixel_values=None, max_new_tokens=64, temperature=0.0, top_p=1.0, top_k=None,
+                 eos_id=None, attention_mask=None, generator=None):
+        """-> new tokens (B, <= max_new_tokens). Rows that hit eos_id are filled with eos_id after it."""
+        steps = list(self.stream(input_ids, pixel_values, max_new_tokens, temperature, top_p, top_k, eos_id,
+                                 attention_mask, generator))
+        return torch.stack(steps, dim=1) if steps else input_ids.new_empty(input_ids.size(0), 0)
+
+    @torch.inference_mode()
+    def stream(self, input_ids, pixel_values=None, max_new_tokens=64, temperature=0.0, top_p=1.0, top_k=None,
+               eos_id=None, attention_mask=None, generator=None):
+        """Yield the next token of every row (B,) step by step; stops early once every row has ended.
+
+        The prompt is prefilled in one pass into a preallocated KV cache; each later step feeds one token.
+        Padding in `attention_mask` may be on either side: rows are left-aligned first.
+        """
+        B, T = input_ids.shape
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids, dtype=torch.bool)
+        input_ids, attention_mask = left_align(input_ids, attention_mask.bool())
+        x = self.embed(input_ids, pixel_values)
+        S = T + max_new_tokens
+        valid = torch.zeros(B, S, dtype=torch.bool, device=x.device)  # (B, S) filled, non-padding slots
+        valid[:, :T] = attention_mask
+        positions = (attention_mask.long().cumsum(1) - 1).clamp(min=0)  # (B, T)
+        slots = torch.arange(T, device=x.device)
+        done = torch.zeros(B, dtype=torch.bool, device=x.device)
+        self.lm.setup_cache(B, S)
+        try:
+            h = self.lm(x, positions, attention_mask_for(valid, slots), slots)[:, -1]  # (B, C)
+            next_pos = positions[:, -1:] + 1  # (B, 1)
+            for i in range(max_new_tokens):
+                logits = self.lm.head(h)  # (B, V)
+                logits[:, self.cfg.image_token_id] = float("-inf")  # never emit a placeholder
+                token = sample(logits, temperature, top_k, top_p, generator)
+                if eos_id is not None:
+                    token = token.masked_fill(done, eos_id)
+                    done |= token == eos_id
+                yield token
+                if done.all() or i == max_new_tokens - 1:
+                    break
+                slot = torch.tensor([T + i], device=x.device)
+                valid[:, T + i] = True
+                h = self.decode_step(token, next_pos, slot, valid)
+                next_pos = next_pos + 1
+        finally:
+            self.lm.clear_cache()
+
+    def decode_step(self, token, positions, slot, valid):
+        """One token per row through the cached LM: token (B,), positions (B, 1) -> last hidden (B, C)."""
+        x = self.lm.tok_embed(token[:, None])  # (B, 1, C)
+        return self.lm(x, positions, valid[:, None, None, :], slot)[:, -1]
+
+    # ------------------------------------------------------------------------- checkpoints
+
+    def save_pretrained(self, out_dir, tokenizer_path=None):
+        """Write config.json, model.safetensors and (if given) tokenizer.model into out_dir."""
+        if any(isinstance(m, LoRALinear) for m in self.modules()):
+            raise ValueError("the model still has LoRA adapters: call lora.merge_lora(model) before saving")
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.json").write_text(json.dumps(self.cfg.to_dict(), indent=2) + "\n")
+        state = {k: v.contiguous() for k, v in self.state_dict().items() if k not in self.tied_keys()}
+        save_file(state, out / "model.safetensors", metadata={"format": "pt"})
+        if tokenizer_path is not None and Path(tokenizer_path).resolve() != (out / "tokenizer.model").resolve():
+            shutil.copyfile(tokenizer_path, out / "tokenizer.model")
+
+    @classmethod
+    def from_pretrained(cls, ckpt_dir, device=None, dtype=None) -> "VLM":
+        """Load a checkpoint dir strictly; large models are built on `meta` and filled in place (no double RAM)."""
+        ckpt = Path(ckpt_dir)
+        for name in ("config.json", "model.safetensors"):
+            if not (ckpt / name).is_file():
+                raise FileNotFoundError(f"{ckpt / name}: not found (is {ckpt} a vlm_from_scratch checkpoint?)")
+        try:
+            cfg = VLMConfig.from_dict(json.loads((ckpt / "config.json").read_text()))
+        except (json.JSONDecodeError, ValueError) as err:
+            raise ValueError(f"{ckpt / 'config.json'}: {err}") from None
+        with torch.device("meta"):
+            model = cls(cfg)
+        device = torch.device(device or "cpu")
+        with safe_open(ckpt / "model.safetensors", framework="pt", device=str(device)) as f:  # memory-mapped
+            state = {k: f.get_tensor(k) for k in f.keys()}
+        if dtype is not None:
+            state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
+        model.load_checked(state, source=ckpt / "model.safetensors")
+        return model
+
+    def tied_keys(self) -> set[str]:
+        return {"lm.head.weight"} if self.cfg.lm.tie_embeddings else set()
+
+    def load_checked(self, state: dict, source="state dict"):
+        """Load every tensor by assignment, after checking that names and shapes match exactly.
+
+        Errors name the key and both shapes. Works on a model built on the `meta` device.
+        """
+        expected = {k: v.shape for k, v in self.state_dict().items() if k not in self.tied_keys()}
+        missing = sorted(expected.keys() - state.keys())
+        unexpected = sorted(state.keys() - expected.keys())
+        if missing:
+            more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+            raise KeyError(f"{source}: missing tensor '{missing[0]}', model expects shape "
+                           f"{tuple(expected[missing[0]])}{more}")
+        if unexpected:
+            more = f" (and {len(unexpected) - 1} more)" if len(unexpected) > 1 else ""
+            raise KeyError(f"{source}: unexpected tensor '{unexpected[0]}' with shape "
+                           f"{tuple(state[unexpected[0]].shape)}{more}")
+        for k, shape in expected.items():
+            if state[k].shape != shape:
+                raise ValueError(f"{source}: tensor '{k}' has shape {tuple(state[k].shape)}, "
+                                 f"model expects {tuple(shape)}")
+        state = dict(state)
+        for k in self.tied_keys():
+            state[k] = state["lm.tok_embed.weight"]
+        self.load_state_dict(state, strict=True, assign=True)
+        if self.cfg.lm.tie_embeddings:
+            self.lm.head.weight = self.lm.tok_embed.weight  # one Parameter again after assignment
+        self.lm.inv_freq = rope_frequencies(self.cfg.lm).to(self.lm.tok_embed.weight.device)

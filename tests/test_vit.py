@@ -1,0 +1,67 @@
+"""vit.py against transformers' CLIPVisionModel and SiglipVisionModel, through our converter."""
+
+import pytest
+import torch
+from conftest import IMAGE_SIZE, convert, load_hf, rel_err, transformers
+
+from model import VLM
+
+
+@pytest.fixture(scope="module")
+def clip_vlm(clip_dir, llama_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("ours") / "clip"
+    convert("--vision", clip_dir, "--lm", llama_dir, "--out", out)
+    return VLM.from_pretrained(out).eval()
+
+
+@pytest.fixture(scope="module")
+def siglip_vlm(siglip_dir, llama_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("ours") / "siglip"
+    convert("--vision", siglip_dir, "--lm", llama_dir, "--out", out)
+    return VLM.from_pretrained(out).eval()
+
+
+def pixels(size=IMAGE_SIZE, n=2):
+    return torch.randn(n, 3, size, size, generator=torch.Generator().manual_seed(0))
+
+
+@torch.no_grad()
+def test_clip_penultimate_layer_without_cls_matches_transformers(clip_vlm, clip_dir):
+    ref = load_hf(transformers.CLIPVisionModel, clip_dir)
+    x = pixels()
+    want = ref(x, output_hidden_states=True).hidden_states[-2][:, 1:]
+    got = clip_vlm.vision(x, feature_layer=-2)[:, 1:]
+    assert got.shape == want.shape == (2, 16, 32)
+    assert rel_err(got, want) < 1e-4
+
+
+@torch.no_grad()
+def test_clip_every_hidden_state_matches_transformers(clip_vlm, clip_dir):
+    ref = load_hf(transformers.CLIPVisionModel, clip_dir)
+    x = pixels()
+    hidden = ref(x, output_hidden_states=True).hidden_states
+    for layer in range(-len(hidden), 0):
+        assert rel_err(clip_vlm.vision(x, feature_layer=layer), hidden[layer]) < 1e-4, layer
+
+
+@torch.no_grad()
+def test_siglip_output_and_hidden_states_match_transformers(siglip_vlm, siglip_dir):
+    ref = load_hf(transformers.SiglipVisionModel, siglip_dir)
+    x = pixels()
+    out = ref(x, output_hidden_states=True)
+    assert rel_err(siglip_vlm.vision(x), out.last_hidden_state) < 1e-4  # post-norm included
+    assert rel_err(siglip_vlm.vision(x, feature_layer=-1), out.hidden_states[-1]) < 1e-4
+    assert rel_err(siglip_vlm.vision(x, feature_layer=-2), out.hidden_states[-2]) < 1e-4
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("tower", ["clip", "siglip"])
+def test_position_embeddings_interpolate_like_transformers(tower, clip_vlm, siglip_vlm, clip_dir, siglip_dir):
+    ours = clip_vlm if tower == "clip" else siglip_vlm
+    cls = transformers.CLIPVisionModel if tower == "clip" else transformers.SiglipVisionModel
+    ref = load_hf(cls, clip_dir if tower == "clip" else siglip_dir)
+    x = pixels(size=48)  # a 6 x 6 grid from a model trained on 4 x 4
+    want = ref(x, output_hidden_states=True, interpolate_pos_encoding=True).hidden_states[-1]
+    got = ours.vision(x, feature_layer=-1)
+    assert got.shape == want.shape
+    assert rel_err(got, want) < 1e-4
