@@ -1,0 +1,509 @@
+"""Data: images and conversations to the tensors `VLM` consumes, and ShapesWorld, the built-in dataset.
+
+Reads LLaVA's format (Liu et al. 2023): a JSON list, or JSONL, of {"id", "image", "conversations"} records,
+with image paths relative to an image folder. Images get LLaVA-1.5's pad-to-square or CLIP's resize-and-crop.
+ShapesWorld draws coloured shapes procedurally, so the project trains offline with nothing downloaded.
+"""
+
+import argparse
+import json
+import math
+import random
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import NamedTuple
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw, ImageOps
+from torch.utils.data import Dataset
+
+from tokenizer import IGNORE, IMAGE, ROLES, TEMPLATES, TooLong, corpus_text, encode_conversation
+
+
+class DataError(ValueError):
+    """A problem with the user's data, worth one line: the CLIs print it instead of a traceback."""
+
+
+# ----------------------------------------------------------------------------- images
+
+
+def load_image(path) -> Image.Image:
+    """An RGB image, turned upright by its EXIF orientation. PIL's decompression-bomb guard stays on."""
+    try:
+        with Image.open(path) as image:
+            return ImageOps.exif_transpose(image).convert("RGB")  # phones store rotation in EXIF
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path}: no such image") from None
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:  # truncated, empty, not an image
+        raise DataError(f"{path}: not a readable image ({err})") from None
+
+
+def expand_to_square(image: Image.Image, fill: tuple[int, int, int]) -> Image.Image:
+    """LLaVA's `expand2square`: pad the short side evenly with `fill`, so a later crop removes nothing."""
+    w, h = image.size
+    if w == h:
+        return image
+    square = Image.new("RGB", (max(w, h), max(w, h)), fill)
+    square.paste(image, ((max(w, h) - w) // 2, (max(w, h) - h) // 2))
+    return square
+
+
+def preprocess(image: Image.Image, vision_cfg, mode="pad") -> torch.Tensor:
+    """PIL image -> (3, S, S) normalised pixels, S = vision_cfg.image_size.
+
+    "crop" is CLIPImageProcessor: bicubic resize of the short side to S, centre crop, rescale, normalise.
+    "pad" is LLaVA-1.5's: pad to a square with the mean colour first, so the whole image is kept.
+    """
+    if mode == "pad":
+        image = expand_to_square(image, tuple(int(m * 255) for m in vision_cfg.image_mean))
+    elif mode != "crop":
+        raise ValueError(f"unknown image mode {mode!r}; choose pad or crop")
+    S = vision_cfg.image_size
+    w, h = image.size
+    size = (S, int(S * h / w)) if w <= h else (int(S * w / h), S)  # int() truncates, as transformers does
+    image = image.resize(size, Image.Resampling.BICUBIC)
+    left, top = (size[0] - S) // 2, (size[1] - S) // 2
+    image = image.crop((left, top, left + S, top + S))
+    pixels = torch.from_numpy(np.asarray(image, dtype=np.float32) / 255).permute(2, 0, 1)  # (3, S, S)
+    mean, std = torch.tensor(vision_cfg.image_mean), torch.tensor(vision_cfg.image_std)
+    return (pixels - mean[:, None, None]) / std[:, None, None]
+
+
+# ----------------------------------------------------------------------------- LLaVA records
+
+
+class Skipped(NamedTuple):
+    """What a dataset returns for a record found bad only when its sample is built; collate drops it."""
+
+    index: int  # the record's position in its file
+    reason: str
+
+
+def encode_sample(record: dict, images: list, tokenizer, cfg, template: str, max_len: int | None,
+                  image_mode: str) -> dict:
+    """One record (conversations + PIL images, in tag order) -> the sample dict collate batches."""
+    input_ids, labels = encode_conversation(tokenizer, record["conversations"], template, cfg.image_token_id,
+                                            cfg.num_image_tokens, max_len)
+    pixel_values = torch.stack([preprocess(im, cfg.vision, image_mode) for im in images]) if images else None
+    return {"id": record["id"], "input_ids": torch.tensor(input_ids), "labels": torch.tensor(labels),
+            "pixel_values": pixel_values}  # (T,), (T,), (n_images, 3, S, S) or None
+
+
+def read_records(path) -> list:
+    """The records of a JSON list or a JSONL file; anything that is not valid JSON is a DataError."""
+    try:
+        text = Path(path).read_text(encoding="utf-8-sig")  # -sig: tolerate a byte-order mark
+    except FileNotFoundError:
+        raise DataError(f"{path}: no such file") from None
+    except (OSError, UnicodeDecodeError) as err:
+        raise DataError(f"{path}: cannot read ({err})") from None
+    if str(path).endswith(".jsonl"):
+        return [parse_json(line, path, n) for n, line in enumerate(text.split("\n"), 1) if line.strip()]
+    records = parse_json(text, path)
+    if not isinstance(records, list):
+        raise DataError(f"{path}: expected a JSON list of records, found a {type(records).__name__}")
+    return records
+
+
+def parse_json(text: str, path, first_line=1):
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as err:
+        line = first_line + err.lineno - 1
+        raise DataError(f"{path}: invalid JSON at line {line} column {err.colno}") from None
+
+
+def clean_record(record, index: int) -> dict | str:
+    """A record as {"index", "id", "images", "conversations"} with roles human/gpt, or why it is unusable.
+
+    As LLaVA does, a single image's `<image>` tag moves to the front of its turn: "<image>\\n{question}".
+    """
+    if not isinstance(record, dict):
+        return "malformed record"
+    turns = record.get("conversations")
+    if not isinstance(turns, list) or not turns:
+        return "empty conversation"
+    if not all(isinstance(t, dict) and isinstance(t.get("value"), str) and t["value"].strip() for t in turns):
+        return "turn without value"
+    roles = [ROLES.get(t.get("from")) for t in turns]
+    if None in roles:
+        return "unknown role"
+    if len(roles) % 2 or roles != ["human", "gpt"] * (len(roles) // 2):
+        return "wrong role order"
+    images = record.get("image") or []
+    images = [images] if isinstance(images, str) else images
+    if not isinstance(images, list) or not all(isinstance(p, str) for p in images):
+        return "malformed record"
+    values = [t["value"] for t in turns]
+    if sum(v.count(IMAGE) for v in values) != len(images):
+        return "image/tag count mismatch"
+    if len(images) == 1:
+        values = [(IMAGE + "\n" + v.replace(IMAGE, "").strip()).strip() if IMAGE in v else v for v in values]
+    conversations = [{"from": role, "value": v} for role, v in zip(roles, values, strict=True)]
+    return {"index": index, "id": str(record.get("id", index)), "images": images, "conversations": conversations}
+
+
+def skip_report(skipped: dict[int, str], total: int) -> str:
+    """"skipped 7 of 10,000 records: 3 missing image, 2 unreadable image, ...", most common reason first."""
+    reasons = ", ".join(f"{n:,} {reason}" for reason, n in Counter(skipped.values()).most_common())
+    return f"skipped {len(skipped):,} of {total:,} records" + (f": {reasons}" if reasons else "")
+
+
+class LlavaDataset(Dataset):
+    """LLaVA-format conversations from a JSON list or JSONL file, images from image_folder.
+
+    Text problems are found when the file is read, image and length problems when a sample is built: then
+    __getitem__ returns a Skipped, never raises. `skipped` maps record index -> reason. DataLoader workers
+    hold copies of the dataset, so merge each batch's "skipped" into it before calling skip_report().
+    image_folder=None means the data file's own folder.
+    """
+
+    def __init__(self, path, image_folder, tokenizer, cfg, template="vicuna_v1", max_len=2048, image_mode="pad"):
+        if template not in TEMPLATES:
+            raise ValueError(f"unknown template {template!r}; choose from {', '.join(TEMPLATES)}")
+        raw = read_records(path)
+        self.image_folder = Path(image_folder) if image_folder is not None else Path(path).parent
+        self.tokenizer, self.cfg, self.template = tokenizer, cfg, template
+        self.max_len, self.image_mode = max_len, image_mode
+        self.num_records, self.records, self.skipped = len(raw), [], {}
+        for index, record in enumerate(raw):
+            clean = clean_record(record, index)
+            if isinstance(clean, str):
+                self.skipped[index] = clean
+            else:
+                self.records.append(clean)
+        if any(r["images"] for r in self.records) and not self.image_folder.is_dir():
+            raise DataError(f"{self.image_folder}: no such image folder")
+
+    def __len__(self):
+        return len(self.records)
+
+    def __getitem__(self, i) -> dict | Skipped:
+        record = self.records[i]
+        try:
+            images = [load_image(self.image_folder / p) for p in record["images"]]
+            return encode_sample(record, images, self.tokenizer, self.cfg, self.template, self.max_len,
+                                 self.image_mode)
+        except FileNotFoundError:
+            reason = "missing image"
+        except DataError:
+            reason = "unreadable image"
+        except TooLong:
+            reason = "too long"
+        self.skipped[record["index"]] = reason
+        return Skipped(record["index"], reason)
+
+    def skip_report(self) -> str:
+        return skip_report(self.skipped, self.num_records)
+
+    def texts(self) -> list[str]:
+        """Every conversation as tokenizer-training text (vicuna_v1 wording, which covers plain's)."""
+        return [corpus_text(r["conversations"]) for r in self.records]
+
+
+# ----------------------------------------------------------------------------- batches
+
+
+def collate(samples: list, pad_id: int) -> dict:
+    """Right-pad a list of sample dicts into a batch; Skipped samples are dropped and reported.
+
+    pixel_values holds every image in placeholder order, row by row. num_tokens counts supervised labels, so
+    the training loop can normalise the loss over the whole global batch.
+    """
+    skipped = {s.index: s.reason for s in samples if isinstance(s, Skipped)}
+    samples = [s for s in samples if not isinstance(s, Skipped)]
+    B, T = len(samples), max((len(s["input_ids"]) for s in samples), default=0)
+    input_ids = torch.full((B, T), pad_id, dtype=torch.long)
+    labels = torch.full((B, T), IGNORE, dtype=torch.long)
+    attention_mask = torch.zeros((B, T), dtype=torch.bool)
+    for b, s in enumerate(samples):
+        n = len(s["input_ids"])
+        input_ids[b, :n], labels[b, :n], attention_mask[b, :n] = s["input_ids"], s["labels"], True
+    images = [s["pixel_values"] for s in samples if s["pixel_values"] is not None]
+    return {
+        "ids": [s["id"] for s in samples],
+        "input_ids": input_ids,  # (B, T)
+        "labels": labels,  # (B, T)
+        "attention_mask": attention_mask,  # (B, T)
+        "pixel_values": torch.cat(images) if images else None,  # (N, 3, S, S)
+        "num_tokens": int((labels != IGNORE).sum()),
+        "skipped": skipped,  # record index -> reason
+    }
+
+
+class GlobalBatchSampler:
+    """A DataLoader batch_sampler whose optimizer steps see the same samples on any number of processes.
+
+    Global batch g of an epoch is order[g*G : (g+1)*G], where `order` depends on (seed, epoch) only: a
+    permutation, or 0, 1, 2, ... with shuffle=False (for a stream that is random already, like ShapesWorld).
+    Rank r takes the r-th of world_size equal slices and yields it as micro-batches, so 1 x 8, 1 x 4 with
+    accumulation 2, and 2 ranks x 4 all train on the same 8 samples each step. A last partial global batch is
+    dropped; start_step skips steps already taken (exact resume).
+    """
+
+    def __init__(self, num_samples: int, global_batch_size: int, seed=0, rank=0, world_size=1,
+                 micro_batch_size: int | None = None, epoch=0, start_step=0, shuffle=True):
+        per_rank, rest = divmod(global_batch_size, world_size)
+        micro_batch_size = micro_batch_size or per_rank
+        if rest or per_rank % micro_batch_size:
+            raise ValueError(f"global batch {global_batch_size} does not split into {world_size} ranks of "
+                             f"micro-batches of {micro_batch_size}")
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} is outside world_size {world_size}")
+        self.num_samples, self.global_batch_size, self.seed, self.epoch = num_samples, global_batch_size, seed, epoch
+        self.rank, self.per_rank, self.micro_batch_size = rank, per_rank, micro_batch_size
+        self.start_step, self.shuffle = start_step, shuffle
+        self.accum = per_rank // micro_batch_size  # micro-batches per step on each rank
+        self.steps = num_samples // global_batch_size  # optimizer steps per epoch
+
+    def __len__(self):
+        return max(self.steps - self.start_step, 0) * self.accum
+
+    def __iter__(self):
+        order = np.random.default_rng([self.seed, self.epoch]).permutation(self.num_samples) if self.shuffle else None
+        for step in range(self.start_step, self.steps):
+            for m in range(self.accum):
+                start = step * self.global_batch_size + self.rank * self.per_rank + m * self.micro_batch_size
+                stop = start + self.micro_batch_size
+                yield order[start:stop].tolist() if order is not None else list(range(start, stop))
+
+
+# ----------------------------------------------------------------------------- ShapesWorld
+
+PALETTE = {
+    "red": (220, 40, 40), "green": (40, 170, 70), "blue": (50, 100, 235), "yellow": (240, 210, 40),
+    "purple": (155, 75, 210), "orange": (245, 135, 30), "white": (240, 240, 240), "pink": (245, 140, 195),
+    "cyan": (40, 205, 215), "brown": (140, 90, 45),
+}
+SHAPES = ("circle", "square", "triangle", "cross", "star", "diamond")
+SIZES = {"small": 0.27, "large": 0.42}  # half the object's extent, as a fraction of a grid cell
+POSITIONS = {  # cell names, row by row; the answer to "where is ...?"
+    2: ("top left", "top right", "bottom left", "bottom right"),
+    3: ("top left", "top", "top right", "left", "center", "right", "bottom left", "bottom", "bottom right"),
+}
+PHRASES = {"left": "on the left", "right": "on the right", "center": "in the center"}  # the rest: "at the ..."
+CATEGORIES = ("color", "shape", "count", "position", "exists")
+BACKGROUND = (60, 60, 68)
+
+
+@dataclass
+class SceneObject:
+    shape: str
+    color: str
+    size: str
+    position: str  # the name of its grid cell
+    x: float  # centre and half-extent, in output pixels
+    y: float
+    r: float
+
+
+@dataclass
+class ShapesWorld:
+    """Scenes of 1 to max_objects coloured shapes, one per cell of a grid x grid layout, with captions and
+    short-answer questions whose answers follow from the scene. Scene i of a split depends only on
+    (seed, split, i): the train stream is unlimited, the test split is its own fixed set of test_size scenes.
+    Every (colour, shape) pair appears at most once per scene, so "the red circle" is never ambiguous.
+    """
+
+    image_size: int = 64
+    grid: int = 3  # 2 or 3
+    max_objects: int = 4
+    colors: tuple[str, ...] = ("red", "green", "blue", "yellow", "purple", "orange")
+    shapes: tuple[str, ...] = ("circle", "square", "triangle", "cross")
+    jitter: float = 0.5  # how far an object may wander within its cell, 0..1 of the free space
+    texture: float = 4.0  # std of the background's pixel noise (0..255 scale); 0 = plain
+    seed: int = 0
+    test_size: int = 1000
+    categories: tuple[str, ...] = CATEGORIES  # the question types to ask
+
+    def __post_init__(self):
+        self.colors, self.shapes, self.categories = tuple(self.colors), tuple(self.shapes), tuple(self.categories)
+        for name, given, known in [("colour", self.colors, PALETTE), ("shape", self.shapes, SHAPES),
+                                   ("category", self.categories, CATEGORIES), ("grid", (self.grid,), POSITIONS)]:
+            unknown = [g for g in given if g not in known]
+            if unknown or not given:
+                raise ValueError(f"unknown {name} {unknown or given}; choose from {', '.join(map(str, known))}")
+        if not 1 <= self.max_objects <= min(self.grid**2, len(self.colors) * len(self.shapes)):
+            raise ValueError(f"max_objects {self.max_objects} does not fit a {self.grid}x{self.grid} grid with "
+                             f"{len(self.colors)} colours x {len(self.shapes)} shapes")
+
+    def rng(self, split: str, index: int, purpose: str) -> random.Random:
+        """An independent random stream per (seed, split, index, purpose); str seeds hash the same everywhere."""
+        if split not in ("train", "test"):
+            raise ValueError(f"unknown split {split!r}; choose train or test")
+        if split == "test" and not 0 <= index < self.test_size:
+            raise IndexError(f"test scene {index} is outside the test split (test_size {self.test_size})")
+        return random.Random(f"shapes/{self.seed}/{split}/{index}/{purpose}")
+
+    def scene(self, index: int, split="train") -> list[SceneObject]:
+        rng = self.rng(split, index, "scene")
+        n = rng.randint(1, self.max_objects)
+        pairs = rng.sample([(c, s) for c in self.colors for s in self.shapes], n)
+        cells = sorted(rng.sample(range(self.grid**2), n))  # reading order, so captions are predictable
+        cell = self.image_size / self.grid
+        objects = []
+        for (color, shape), c in zip(pairs, cells, strict=True):
+            size = rng.choice(tuple(SIZES))
+            r = SIZES[size] * cell
+            slack = (cell / 2 - r) * self.jitter
+            row, col = divmod(c, self.grid)
+            x, y = (col + 0.5) * cell + rng.uniform(-slack, slack), (row + 0.5) * cell + rng.uniform(-slack, slack)
+            objects.append(SceneObject(shape, color, size, POSITIONS[self.grid][c], x, y, r))
+        return objects
+
+    def render(self, objects: list[SceneObject], index: int, split="train") -> Image.Image:
+        """Draw 4x larger, then average down: clean anti-aliased edges at any image size."""
+        S, k = self.image_size, 4
+        rng = np.random.default_rng(self.rng(split, index, "texture").getrandbits(64))
+        background = np.array(BACKGROUND, dtype=np.float32) + rng.normal(0, self.texture, (S, S, 1))  # (S, S, 3)
+        image = Image.fromarray(background.clip(0, 255).astype(np.uint8)).resize((S * k, S * k), Image.NEAREST)
+        draw = ImageDraw.Draw(image)
+        for o in objects:
+            draw_shape(draw, o.shape, o.x * k, o.y * k, o.r * k, PALETTE[o.color])
+        return image.resize((S, S), Image.Resampling.BOX)
+
+    def caption(self, objects: list[SceneObject]) -> str:
+        """"a large red circle at the top left and a small blue square in the center"."""
+        phrases = [f"a {o.size} {o.color} {o.shape} {PHRASES.get(o.position, 'at the ' + o.position)}"
+                   for o in objects]
+        return phrases[0] if len(phrases) == 1 else ", ".join(phrases[:-1]) + " and " + phrases[-1]
+
+    def question(self, objects: list[SceneObject], rng: random.Random) -> tuple[str, str, str]:
+        """(question, answer, category): a category drawn evenly among those the scene allows; existence
+        questions are answered yes half the time."""
+        shapes, colors = Counter(o.shape for o in objects), Counter(o.color for o in objects)
+        unique_shape = [o for o in objects if shapes[o.shape] == 1]  # "the circle" names exactly one object
+        unique_color = [o for o in objects if colors[o.color] == 1]
+        allowed = [c for c in self.categories if (c != "color" or unique_shape) and (c != "shape" or unique_color)]
+        if not allowed:
+            raise ValueError(f"this scene allows none of the categories {self.categories}")
+        category = rng.choice(allowed)
+        if category == "color":
+            o = rng.choice(unique_shape)
+            return f"What color is the {o.shape}?", o.color, category
+        if category == "shape":
+            o = rng.choice(unique_color)
+            return f"What shape is the {o.color} object?", o.shape, category
+        if category == "count":
+            return "How many objects are there?", str(len(objects)), category
+        if category == "position":
+            o = rng.choice(objects)
+            return f"Where is the {o.color} {o.shape}?", o.position, category
+        present = [(o.color, o.shape) for o in objects]
+        absent = [(c, s) for c in self.colors for s in self.shapes if (c, s) not in present]
+        if rng.random() < 0.5 or not absent:
+            return "Is there a {} {}?".format(*rng.choice(present)), "yes", category
+        return "Is there a {} {}?".format(*rng.choice(absent)), "no", category
+
+    def conversation(self, index: int, task="qa", split="train") -> tuple[list[dict], str]:
+        """(LLaVA conversations, category) of scene `index`, without drawing it."""
+        objects = self.scene(index, split)
+        if task == "caption":
+            question, answer, category = "Describe the image.", self.caption(objects), "caption"
+        elif task == "qa":
+            question, answer, category = self.question(objects, self.rng(split, index, "question"))
+        else:
+            raise ValueError(f"unknown task {task!r}; choose caption or qa")
+        return [{"from": "human", "value": f"{IMAGE}\n{question}"}, {"from": "gpt", "value": answer}], category
+
+    def record(self, index: int, task="qa", split="train") -> dict:
+        """A LLaVA record with the image in memory: {"id", "image": PIL.Image, "conversations", "category"}."""
+        conversations, category = self.conversation(index, task, split)
+        image = self.render(self.scene(index, split), index, split)
+        return {"id": f"shapes-{split}-{index:06d}", "image": image, "conversations": conversations,
+                "category": category}
+
+    def texts(self, n: int) -> list[str]:
+        """Tokenizer-training text: the caption and the question of the first n train scenes, as prompts."""
+        return [corpus_text(self.conversation(i, task)[0]) for i in range(n) for task in ("caption", "qa")]
+
+
+def draw_shape(draw: ImageDraw.ImageDraw, shape: str, x: float, y: float, r: float, color: tuple):
+    """A filled shape centred at (x, y) that fits in a box of half-side r."""
+    if shape == "circle":
+        draw.ellipse([x - r, y - r, x + r, y + r], fill=color)
+    elif shape == "square":
+        draw.rectangle([x - 0.85 * r, y - 0.85 * r, x + 0.85 * r, y + 0.85 * r], fill=color)
+    elif shape == "triangle":
+        draw.polygon([(x, y - r), (x + 0.95 * r, y + 0.75 * r), (x - 0.95 * r, y + 0.75 * r)], fill=color)
+    elif shape == "cross":
+        arm = 0.34 * r
+        draw.rectangle([x - r, y - arm, x + r, y + arm], fill=color)
+        draw.rectangle([x - arm, y - r, x + arm, y + r], fill=color)
+    elif shape == "star":
+        points = [(x + rad * math.sin(i * math.pi / 5), y - rad * math.cos(i * math.pi / 5))
+                  for i, rad in enumerate([r, 0.45 * r] * 5)]
+        draw.polygon(points, fill=color)
+    elif shape == "diamond":
+        draw.polygon([(x, y - r), (x + 0.75 * r, y), (x, y + r), (x - 0.75 * r, y)], fill=color)
+    else:
+        raise ValueError(f"unknown shape {shape!r}; choose from {', '.join(SHAPES)}")
+
+
+class ShapesDataset(Dataset):
+    """ShapesWorld scenes as the same sample dicts LlavaDataset yields: sample i is scene i of the split.
+
+    The train split is a stream: len() is only a bound, so sample it with GlobalBatchSampler(shuffle=False).
+    template defaults to plain for captions (pretraining) and vicuna_v1 for questions (finetuning).
+    """
+
+    def __init__(self, world: ShapesWorld, tokenizer, cfg, task="qa", split="train", size: int | None = None,
+                 template: str | None = None, max_len: int | None = None, image_mode="pad"):
+        self.world, self.tokenizer, self.cfg, self.task, self.split = world, tokenizer, cfg, task, split
+        self.size = size or (world.test_size if split == "test" else 2**31 - 1)
+        self.template = template or ("plain" if task == "caption" else "vicuna_v1")
+        self.max_len, self.image_mode = max_len, image_mode
+
+    def __len__(self):
+        return self.size
+
+    def __getitem__(self, i) -> dict:
+        record = self.world.record(i, self.task, self.split)
+        return encode_sample(record, [record["image"]], self.tokenizer, self.cfg, self.template, self.max_len,
+                             self.image_mode)
+
+
+# ----------------------------------------------------------------------------- export
+
+
+def export_shapes(world: ShapesWorld, out_dir, n: int, task="qa", split="train") -> Path:
+    """Write n scenes as LLaVA JSON (out_dir/{task}_{split}.json) plus PNGs (out_dir/images/)."""
+    out_dir = Path(out_dir)
+    (out_dir / "images").mkdir(parents=True, exist_ok=True)
+    records = []
+    for i in range(n):
+        record = world.record(i, task, split)
+        image_path = f"images/{split}_{i:06d}.png"  # captions and questions of scene i share the image
+        record["image"].save(out_dir / image_path)
+        records.append(record | {"image": image_path})
+    json_path = out_dir / f"{task}_{split}.json"
+    json_path.write_text(json.dumps(records, indent=1))
+    return json_path
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--export-shapes", metavar="DIR", required=True,
+                        help="write ShapesWorld scenes to DIR as LLaVA JSON plus PNG images")
+    parser.add_argument("--n", type=int, default=1000, help="number of scenes")
+    parser.add_argument("--task", choices=("qa", "caption"), default="qa",
+                        help="qa: short-answer questions (finetuning); caption: descriptions (pretraining)")
+    parser.add_argument("--split", choices=("train", "test"), default="train", help="train stream or held-out test")
+    parser.add_argument("--seed", type=int, default=0, help="world seed; scenes are a function of (seed, index)")
+    parser.add_argument("--image-size", type=int, default=ShapesWorld.image_size, help="image side in pixels")
+    parser.add_argument("--grid", type=int, choices=(2, 3), default=ShapesWorld.grid, help="grid x grid cells")
+    args = parser.parse_args(argv)
+    try:
+        world = ShapesWorld(image_size=args.image_size, grid=args.grid, seed=args.seed,
+                            test_size=max(args.n, ShapesWorld.test_size))
+        json_path = export_shapes(world, args.export_shapes, args.n, args.task, args.split)
+    except (DataError, OSError) as err:
+        raise SystemExit(f"error: {err}") from None
+    print(f"wrote {args.n:,} {args.task} records to {json_path} (images in {json_path.parent / 'images'})")
+
+
+if __name__ == "__main__":
+    main()
