@@ -491,6 +491,9 @@ def to_hf(ckpt: Path, out: Path) -> str:
                 theirs.update(split_fused(our_key, their_key, ours[our_key], cfg))
     if not lm.tie_embeddings:
         theirs["language_model.lm_head.weight"] = ours["lm.head.weight"]
+    if not v.post_norm:  # transformers' CLIP always builds a pooled-output norm; LLaVA never reads it
+        theirs["vision_tower.vision_model.post_layernorm.weight"] = torch.ones(v.width)
+        theirs["vision_tower.vision_model.post_layernorm.bias"] = torch.zeros(v.width)
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     specs = {k: t.to("meta") for k, t in theirs.items()}

@@ -122,6 +122,19 @@ def attention_mask_for(valid, slots):
     return (mask | (key[None, :] == slots[:, None]))[:, None]  # (B, 1, T, S)
 
 
+def packed_positions_and_mask(segment_ids):
+    """segment_ids (B, T) -> positions (B, T) restarting at each new segment, and a block-diagonal causal
+    mask (B, 1, T, T), so packed samples never attend to each other."""
+    B, T = segment_ids.shape
+    index = torch.arange(T, device=segment_ids.device).expand(B, T)
+    starts = torch.ones_like(segment_ids, dtype=torch.bool)
+    starts[:, 1:] = segment_ids[:, 1:] != segment_ids[:, :-1]
+    segment_start = torch.where(starts, index, 0).cummax(dim=1).values  # (B, T) index where each segment began
+    same = segment_ids[:, :, None] == segment_ids[:, None, :]  # (B, T, T)
+    causal = torch.ones(T, T, dtype=torch.bool, device=segment_ids.device).tril()
+    return index - segment_start, (same & causal)[:, None]
+
+
 def sample(logits, temperature=0.0, top_k=None, top_p=1.0, generator=None):
     """logits (B, V) -> next token (B,): greedy at temperature 0, else temperature / top-k / nucleus sampling."""
     if temperature == 0:
@@ -175,8 +188,12 @@ class VLM(nn.Module):
         # masked_scatter fills the placeholders in row-major order: images in the order they appear.
         return x.masked_scatter(is_image[..., None], image_features.to(x.dtype))
 
-    def forward(self, input_ids, pixel_values=None, labels=None, num_tokens=None, attention_mask=None):
+    def forward(self, input_ids, pixel_values=None, labels=None, num_tokens=None, attention_mask=None,
+                segment_ids=None):
         """-> (logits, loss). Without labels: logits (B, T, V) and loss None.
+
+        attention_mask (B, T) marks real tokens (left padding allowed). segment_ids (B, T) marks packed
+        samples: tokens attend only within their own segment, and positions restart at 0 in each one.
 
         With labels: (None, loss). The loss is the summed cross-entropy over labels != -100 divided by
         `num_tokens` (default: this batch's count); pass the global batch's count so gradient accumulation
@@ -184,13 +201,14 @@ class VLM(nn.Module):
         head, so most image and prompt positions never materialise vocab-sized logits.
         """
         x = self.embed(input_ids, pixel_values)
-        if attention_mask is None:
-            positions = torch.arange(input_ids.size(1), device=x.device).expand_as(input_ids)
-            h = self.lm(x, positions)
-        else:  # left padding: real tokens count positions from 0, padding never attends or is attended
+        if segment_ids is not None:
+            h = self.lm(x, *packed_positions_and_mask(segment_ids))
+        elif attention_mask is not None:  # left padding: real tokens count positions from 0, padding is never seen
             positions = (attention_mask.long().cumsum(1) - 1).clamp(min=0)
             slots = torch.arange(input_ids.size(1), device=x.device)
             h = self.lm(x, positions, attention_mask_for(attention_mask.bool(), slots))
+        else:
+            h = self.lm(x, torch.arange(input_ids.size(1), device=x.device).expand_as(input_ids))
         if labels is None:
             return self.lm.head(h), None
         targets = labels[:, 1:]  # position t predicts token t + 1
