@@ -354,15 +354,18 @@ class ShapesWorld:
         return objects
 
     def render(self, objects: list[SceneObject], index: int, split="train") -> Image.Image:
-        """Draw 4x larger, then average down: clean anti-aliased edges at any image size."""
+        """Draw 4x larger and average down, for clean anti-aliased edges; then texture the background."""
         S, k = self.image_size, 4
-        rng = np.random.default_rng(self.rng(split, index, "texture").getrandbits(64))
-        background = np.array(BACKGROUND, dtype=np.float32) + rng.normal(0, self.texture, (S, S, 1))  # (S, S, 3)
-        image = Image.fromarray(background.clip(0, 255).astype(np.uint8)).resize((S * k, S * k), Image.NEAREST)
+        image = Image.new("RGB", (S * k, S * k), BACKGROUND)
         draw = ImageDraw.Draw(image)
         for o in objects:
             draw_shape(draw, o.shape, o.x * k, o.y * k, o.r * k, PALETTE[o.color])
-        return image.resize((S, S), Image.Resampling.BOX)
+        pixels = np.asarray(image.resize((S, S), Image.Resampling.BOX), dtype=np.float32)  # (S, S, 3)
+        if self.texture:
+            rng = np.random.default_rng(self.rng(split, index, "texture").getrandbits(64))
+            background = (pixels == BACKGROUND).all(-1, keepdims=True)  # (S, S, 1): untouched by any shape
+            pixels = pixels + background * rng.normal(0, self.texture, (S, S, 1))
+        return Image.fromarray(pixels.round().clip(0, 255).astype(np.uint8))
 
     def caption(self, objects: list[SceneObject]) -> str:
         """"a large red circle at the top left and a small blue square in the center"."""
@@ -397,9 +400,8 @@ class ShapesWorld:
             return "Is there a {} {}?".format(*rng.choice(present)), "yes", category
         return "Is there a {} {}?".format(*rng.choice(absent)), "no", category
 
-    def conversation(self, index: int, task="qa", split="train") -> tuple[list[dict], str]:
-        """(LLaVA conversations, category) of scene `index`, without drawing it."""
-        objects = self.scene(index, split)
+    def conversation(self, objects: list[SceneObject], index: int, task="qa", split="train") -> tuple[list, str]:
+        """(LLaVA conversations, category) about scene `index`, whose objects are given."""
         if task == "caption":
             question, answer, category = "Describe the image.", self.caption(objects), "caption"
         elif task == "qa":
@@ -410,14 +412,16 @@ class ShapesWorld:
 
     def record(self, index: int, task="qa", split="train") -> dict:
         """A LLaVA record with the image in memory: {"id", "image": PIL.Image, "conversations", "category"}."""
-        conversations, category = self.conversation(index, task, split)
-        image = self.render(self.scene(index, split), index, split)
+        objects = self.scene(index, split)
+        conversations, category = self.conversation(objects, index, task, split)
+        image = self.render(objects, index, split)
         return {"id": f"shapes-{split}-{index:06d}", "image": image, "conversations": conversations,
                 "category": category}
 
     def texts(self, n: int) -> list[str]:
         """Tokenizer-training text: the caption and the question of the first n train scenes, as prompts."""
-        return [corpus_text(self.conversation(i, task)[0]) for i in range(n) for task in ("caption", "qa")]
+        scenes = [self.scene(i) for i in range(n)]
+        return [corpus_text(self.conversation(scenes[i], i, task)[0]) for i in range(n) for task in ("caption", "qa")]
 
 
 def draw_shape(draw: ImageDraw.ImageDraw, shape: str, x: float, y: float, r: float, color: tuple):
@@ -486,7 +490,7 @@ def export_shapes(world: ShapesWorld, out_dir, n: int, task="qa", split="train")
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--export-shapes", metavar="DIR", required=True,
+    parser.add_argument("--export-shapes", metavar="DIR", required=True, default=argparse.SUPPRESS,
                         help="write ShapesWorld scenes to DIR as LLaVA JSON plus PNG images")
     parser.add_argument("--n", type=int, default=1000, help="number of scenes")
     parser.add_argument("--task", choices=("qa", "caption"), default="qa",

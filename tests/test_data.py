@@ -329,7 +329,7 @@ def test_shapes_world_answers_and_pictures_agree_with_the_scene(world):
     for i in range(400):
         objects = world.scene(i)
         assert 1 <= len(objects) <= 4 and len({(o.color, o.shape) for o in objects}) == len(objects)
-        conversations, category = world.conversation(i)
+        conversations, category = world.conversation(objects, i)
         question = conversations[0]["value"].removeprefix("<image>\n")
         answer = conversations[1]["value"]
         assert answer == answer_from_scene(question, objects, world.grid), (i, question)
@@ -367,7 +367,7 @@ def test_shapes_dataset_yields_llava_samples(tok, cfg):
     torch.testing.assert_close(sample["pixel_values"], preprocess(record["image"], VISION)[None])
     qa = ShapesDataset(world, tok, cfg, task="qa", split="test")
     assert len(qa) == world.test_size
-    conversations, _ = world.conversation(3, split="test")
+    conversations, _ = world.conversation(world.scene(3, "test"), 3, split="test")
     assert tok.decode(qa[3]["labels"][qa[3]["labels"] != IGNORE]) == conversations[1]["value"]
     assert build_prompt(conversations[:1]).endswith("ASSISTANT:")
     words = " ".join(world.texts(50))
