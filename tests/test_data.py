@@ -202,6 +202,9 @@ def test_llava_dataset_encodes_good_records_and_skips_each_bad_reason(llava_dir,
     answers = good["user-assistant"]["labels"][good["user-assistant"]["labels"] != IGNORE].tolist()
     assert tok.decode(answers) == "blue a rectangle"  # both answers; eos decodes to nothing
     assert answers.count(tok.eos_id) == 2
+    texts = dataset.texts()  # tokenizer-training text for a from-scratch model
+    assert len(texts) == len(dataset) and "What color is it? ASSISTANT: red" in texts[0]
+    assert not any("<image>" in text or "</s>" in text for text in texts)
 
 
 def test_skips_found_in_dataloader_workers_reach_the_report(llava_dir, tok, cfg):
