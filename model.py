@@ -151,6 +151,25 @@ def sample(logits, temperature=0.0, top_k=None, top_p=1.0, generator=None):
     return torch.multinomial(logits.softmax(-1), 1, generator=generator).squeeze(1)
 
 
+@dataclass
+class DecodeState:
+    """Where a batch of conversations stands in its own KV cache, kept between stream() calls.
+
+    It owns the caches, so other generate() calls on the same model cannot overwrite them.
+    """
+
+    caches: list  # one KVCache per LM block, each (B, nkv, S, hs)
+    valid: torch.Tensor  # (B, S) bool: filled, non-padding cache slots
+    positions: torch.Tensor  # (B, 1): the RoPE position of each row's next token
+    length: int = 0  # slots filled so far; the next token goes to slot `length`
+
+    def reset(self):
+        """Forget the conversation but keep the memory (and, with compile, the same buffers)."""
+        self.valid.zero_()
+        self.positions = torch.zeros_like(self.positions)
+        self.length = 0
+
+
 # ----------------------------------------------------------------------------- the model
 
 
@@ -221,37 +240,45 @@ class VLM(nn.Module):
 
     @torch.inference_mode()
     def generate(self, input_ids, pixel_values=None, max_new_tokens=64, temperature=0.0, top_p=1.0, top_k=None,
-                 eos_id=None, attention_mask=None, generator=None):
+                 eos_id=None, attention_mask=None, generator=None, state=None):
         """-> new tokens (B, <= max_new_tokens). Rows that hit eos_id are filled with eos_id after it."""
         steps = list(self.stream(input_ids, pixel_values, max_new_tokens, temperature, top_p, top_k, eos_id,
-                                 attention_mask, generator))
+                                 attention_mask, generator, state))
         return torch.stack(steps, dim=1) if steps else input_ids.new_empty(input_ids.size(0), 0)
 
     @torch.inference_mode()
     def stream(self, input_ids, pixel_values=None, max_new_tokens=64, temperature=0.0, top_p=1.0, top_k=None,
-               eos_id=None, attention_mask=None, generator=None):
+               eos_id=None, attention_mask=None, generator=None, state=None):
         """Yield the next token of every row (B,) step by step; stops early once every row has ended.
 
         The prompt is prefilled in one pass into a preallocated KV cache; each later step feeds one token.
-        Padding in `attention_mask` may be on either side: rows are left-aligned first.
+        Padding in `attention_mask` may be on either side: rows are left-aligned first. With a `state` from
+        new_state(), input_ids continue the conversation already in its cache (a chat's next turn prefills
+        only its new tokens). The cache then holds everything except the last yielded token: start the next
+        input_ids with it.
         """
         B, T = input_ids.shape
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids, dtype=torch.bool)
         input_ids, attention_mask = left_align(input_ids, attention_mask.bool())
+        if state is None:
+            state = self.new_state(B, T + max_new_tokens)
+        start, S = state.length, state.valid.size(1)
+        if start + T + max_new_tokens > S:
+            raise ValueError(f"{start} cached + {T} new + {max_new_tokens} generated tokens do not fit the "
+                             f"KV cache of {S}")
         x = self.embed(input_ids, pixel_values)
-        S = T + max_new_tokens
-        valid = torch.zeros(B, S, dtype=torch.bool, device=x.device)  # (B, S) filled, non-padding slots
-        valid[:, :T] = attention_mask
-        positions = (attention_mask.long().cumsum(1) - 1).clamp(min=0)  # (B, T)
-        slots = torch.arange(T, device=x.device)
+        slots = torch.arange(start, start + T, device=x.device)
+        state.valid[:, start : start + T] = attention_mask
+        positions = state.positions + (attention_mask.long().cumsum(1) - 1).clamp(min=0)  # (B, T)
+        state.positions = state.positions + attention_mask.sum(1, keepdim=True)  # (B, 1) the next token's
+        state.length = start + T
         done = torch.zeros(B, dtype=torch.bool, device=x.device)
-        self.lm.setup_cache(B, S)
+        self.use_cache(state)
         try:
-            h = self.lm(x, positions, attention_mask_for(valid, slots), slots)[:, -1]  # (B, C)
-            next_pos = positions[:, -1:] + 1  # (B, 1)
+            h = self.lm(x, positions, attention_mask_for(state.valid, slots), slots)[:, -1]  # (B, C)
+            logits = self.lm.head(h)  # (B, V)
             for i in range(max_new_tokens):
-                logits = self.lm.head(h)  # (B, V)
                 logits[:, self.cfg.image_token_id] = float("-inf")  # never emit a placeholder
                 token = sample(logits, temperature, top_k, top_p, generator)
                 if eos_id is not None:
@@ -260,17 +287,44 @@ class VLM(nn.Module):
                 yield token
                 if done.all() or i == max_new_tokens - 1:
                     break
-                slot = torch.tensor([T + i], device=x.device)
-                valid[:, T + i] = True
-                h = self.decode_step(token, next_pos, slot, valid)
-                next_pos = next_pos + 1
+                slot = torch.tensor([state.length], device=x.device)  # a tensor: one compiled step fits all
+                state.valid[:, state.length] = True
+                logits = self.decode_step(token, state.positions, slot, state.valid)
+                state.positions, state.length = state.positions + 1, state.length + 1
         finally:
             self.lm.clear_cache()
 
     def decode_step(self, token, positions, slot, valid):
-        """One token per row through the cached LM: token (B,), positions (B, 1) -> last hidden (B, C)."""
+        """One token per row through the cached LM: token (B,), positions (B, 1), slot (1,) -> logits (B, V).
+
+        Every shape is fixed by the cache size, so compile_decode_step() compiles it once for all steps.
+        """
         x = self.lm.tok_embed(token[:, None])  # (B, 1, C)
-        return self.lm(x, positions, valid[:, None, None, :], slot)[:, -1]
+        h = self.lm(x, positions, valid[:, None, None, :], slot)[:, -1]  # (B, C)
+        return self.lm.head(h)
+
+    def compile_decode_step(self):
+        """gpt-fast's trick: compile the one-token step; on CUDA, "reduce-overhead" replays it as a CUDA graph.
+
+        Pair it with one new_state() of fixed size, reused across calls, so every step hits the same graph.
+        """
+        mode = "reduce-overhead" if self.lm.tok_embed.weight.is_cuda else None
+        self.decode_step = torch.compile(self.decode_step, mode=mode, fullgraph=True)
+
+    def new_state(self, batch: int, max_len: int | None = None) -> DecodeState:
+        """An empty, preallocated KV cache for `batch` rows of up to max_len tokens (default: the LM's limit)."""
+        max_len = max_len or self.cfg.lm.max_seq_len
+        self.lm.setup_cache(batch, max_len)
+        caches = [block.attn.cache for block in self.lm.blocks]
+        self.lm.clear_cache()
+        device = self.lm.tok_embed.weight.device
+        return DecodeState(caches, torch.zeros(batch, max_len, dtype=torch.bool, device=device),
+                           torch.zeros(batch, 1, dtype=torch.long, device=device))
+
+    def use_cache(self, state: DecodeState):
+        """Attach the state's caches to the attention layers (detached again by lm.clear_cache())."""
+        for block, cache in zip(self.lm.blocks, state.caches, strict=True):
+            block.attn.cache = cache
 
     # ------------------------------------------------------------------------- checkpoints
 

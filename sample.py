@@ -1,0 +1,405 @@
+"""Sample from a trained VLM: a streamed answer, a batch of samples, a multi-turn chat, or an attention map.
+
+    python sample.py --image photo.jpg                                  # out/finetune, "Describe the image."
+    python sample.py --image a.png --image b.png --prompt "<image> vs <image>: what changed?"
+    python sample.py --image photo.jpg --chat                           # /image PATH and /reset in the chat
+    python sample.py --image photo.jpg --attention-map attn.png         # where did the answer look?
+
+Decoding follows LLaVA's: the prompt goes through the checkpoint's chat template, each `<image>` becomes a block
+of placeholder tokens, and tokens are decoded one by one from a KV cache until "</s>". --compile compiles the
+one-token step over a static cache (gpt-fast); --attention-map re-reads prompt + answer once with explicit
+attention weights, so ordinary generation never pays for them.
+"""
+
+import argparse
+import math
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw
+from safetensors import SafetensorError
+
+from data import DataError, load_image, preprocess
+from model import VLM
+from tokenizer import IMAGE, Tokenizer, build_prompt, template_pieces, tokenize_prompt
+
+DEFAULT_PROMPT = "Describe the image."
+
+
+# ----------------------------------------------------------------------------- loading
+
+
+def load(checkpoint, device, dtype) -> tuple[VLM, Tokenizer]:
+    """The model and its tokenizer; a missing or broken file is a one-line error naming it."""
+    try:
+        model = VLM.from_pretrained(checkpoint, device=device, dtype=dtype).eval()
+        tokenizer = Tokenizer(Path(checkpoint) / "tokenizer.model")
+    except (FileNotFoundError, ValueError, KeyError, SafetensorError) as err:
+        message = err.args[0] if isinstance(err, KeyError) and err.args else err  # str(KeyError) adds quotes
+        if isinstance(err, SafetensorError):
+            message = f"{Path(checkpoint) / 'model.safetensors'}: {err}"
+        raise SystemExit(f"error: {message}") from None
+    return model, tokenizer
+
+
+def load_images(paths) -> list[Image.Image]:
+    try:
+        return [load_image(p) for p in paths]
+    except (FileNotFoundError, DataError) as err:
+        raise SystemExit(f"error: {err}") from None
+
+
+def pixels(model: VLM, images: list[Image.Image]) -> torch.Tensor | None:
+    """PIL images -> (N, 3, S, S) on the model's device and dtype, or None without images."""
+    if not images:
+        return None
+    weight = model.lm.tok_embed.weight
+    px = torch.stack([preprocess(im, model.cfg.vision, model.cfg.image_mode) for im in images])
+    return px.to(weight.device, weight.dtype)
+
+
+def with_image_tags(prompt: str, num_images: int) -> str:
+    """LLaVA's layout: without explicit `<image>` tags, the images go first, one line each."""
+    tags = prompt.count(IMAGE)
+    if tags == 0:
+        return IMAGE * num_images + "\n" * bool(num_images) + prompt
+    if tags != num_images:
+        raise SystemExit(f"error: the prompt has {tags} {IMAGE} tags but {num_images} images were given")
+    return prompt
+
+
+def encode(tokenizer: Tokenizer, model: VLM, text: str, bos=True) -> list[int]:
+    return tokenize_prompt(tokenizer, text, model.cfg.image_token_id, model.cfg.num_image_tokens, bos=bos)
+
+
+# ----------------------------------------------------------------------------- streaming text
+
+
+class TextStream:
+    """Turns tokens into printable text as they arrive. Each token is decoded together with the ones before
+    it (sentencepiece drops the leading space of a text, and byte-fallback pieces only make a character
+    together), and text that ends in half a character is held back until it is whole."""
+
+    def __init__(self, tokenizer: Tokenizer):
+        self.tokenizer, self.ids, self.printed = tokenizer, [], ""
+
+    def push(self, token: int) -> str:
+        self.ids.append(token)
+        text = self.tokenizer.decode(self.ids)
+        if text.endswith("\ufffd") or not text.startswith(self.printed):
+            return ""
+        new, self.printed = text[len(self.printed):], text
+        return new
+
+    def flush(self) -> str:
+        text = self.tokenizer.decode(self.ids)
+        new, self.printed = text[len(self.printed):] if text.startswith(self.printed) else "", text
+        return new
+
+
+def answer_text(tokenizer: Tokenizer, tokens) -> str:
+    """Decoded tokens up to (not including) the first end-of-sequence."""
+    tokens = list(tokens)
+    if tokenizer.eos_id in tokens:
+        tokens = tokens[: tokens.index(tokenizer.eos_id)]
+    return tokenizer.decode(tokens)
+
+
+# ----------------------------------------------------------------------------- one prompt
+
+
+def decoding(args, model: VLM) -> dict:
+    """The keyword arguments VLM.stream takes from the command line."""
+    device = model.lm.tok_embed.weight.device
+    generator = torch.Generator(device).manual_seed(args.seed)
+    return dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
+                top_k=args.top_k, generator=generator)
+
+
+def generate(model: VLM, tokenizer: Tokenizer, input_ids: list[int], px, args, out=None) -> torch.Tensor:
+    """Decode args.num_samples answers as one batch; one sample streams to `out` (stdout). -> (N, <= max_new)."""
+    out = out or sys.stdout
+    device = model.lm.tok_embed.weight.device
+    ids = torch.tensor([input_ids], device=device).expand(args.num_samples, -1)  # (N, T)
+    if px is not None:
+        px = px.repeat(args.num_samples, 1, 1, 1)  # (N * images, 3, S, S)
+    state = model.new_state(args.num_samples) if args.compile else None  # one static size for the compiled step
+    stream = TextStream(tokenizer) if args.num_samples == 1 else None
+    steps = []
+    for token in model.stream(ids, px, eos_id=tokenizer.eos_id, state=state, **decoding(args, model)):
+        steps.append(token)
+        if stream is not None and int(token[0]) != tokenizer.eos_id:
+            print(stream.push(int(token[0])), end="", file=out, flush=True)
+    tokens = torch.stack(steps, dim=1) if steps else ids.new_empty(args.num_samples, 0)
+    if stream is not None:
+        print(stream.flush(), file=out, flush=True)
+    else:
+        for i, row in enumerate(tokens.tolist(), 1):
+            print(f"[{i}] {answer_text(tokenizer, row)}", file=out, flush=True)
+    return tokens
+
+
+# ----------------------------------------------------------------------------- chat
+
+
+class Chat:
+    """A vicuna_v1 conversation whose KV cache persists across turns: each turn prefills only its new tokens.
+
+    The cache holds everything but the last generated token, so the next turn starts with that token, then
+    "</s>" if the answer did not end with it, then the new "USER: ... ASSISTANT:" piece.
+    """
+
+    template = "vicuna_v1"
+
+    def __init__(self, model: VLM, tokenizer: Tokenizer, images: list[Image.Image], **decode_kw):
+        self.model, self.tokenizer, self.decode_kw = model, tokenizer, decode_kw
+        self.state = model.new_state(1)  # the LM's whole context, allocated once
+        self.images = images
+        self.reset()
+
+    def reset(self, images: list[Image.Image] | None = None):
+        if images is not None:
+            self.images = images
+        self.state.reset()
+        self.messages, self.pending = [], []
+
+    def ask(self, question: str, out=None) -> str:
+        """Answer one question, streaming it to `out` if given; the exchange joins the conversation."""
+        first = not self.messages
+        value = with_image_tags(question, len(self.images)) if first else question
+        self.messages.append({"from": "human", "value": value})
+        piece, _ = template_pieces(self.messages, self.template)[-1]
+        new_ids = self.pending + encode(self.tokenizer, self.model, piece, bos=first)
+        room = self.state.valid.size(1) - self.state.length - len(new_ids)
+        if room < 1:
+            self.messages.pop()
+            raise ValueError(f"the conversation no longer fits the context of {self.state.valid.size(1)} tokens")
+        device = self.model.lm.tok_embed.weight.device
+        px = pixels(self.model, self.images) if first else None
+        kw = self.decode_kw | {"max_new_tokens": min(self.decode_kw.get("max_new_tokens", 256), room)}
+        stream, tokens = TextStream(self.tokenizer), []
+        for token in self.model.stream(torch.tensor([new_ids], device=device), px, eos_id=self.tokenizer.eos_id,
+                                       state=self.state, **kw):
+            tokens.append(int(token[0]))
+            if out is not None and tokens[-1] != self.tokenizer.eos_id:
+                print(stream.push(tokens[-1]), end="", file=out, flush=True)
+        if out is not None:
+            print(stream.flush(), file=out, flush=True)
+        eos = self.tokenizer.eos_id
+        self.pending = tokens[-1:] + [eos] * (not tokens or tokens[-1] != eos)
+        answer = answer_text(self.tokenizer, tokens)
+        self.messages.append({"from": "gpt", "value": answer})
+        return answer
+
+
+def chat(model: VLM, tokenizer: Tokenizer, images: list[Image.Image], args):
+    """The interactive loop: read questions from stdin until EOF; /image PATH and /reset start over."""
+    session = Chat(model, tokenizer, images, **decoding(args, model))
+    print("chat: /image PATH starts over with a new image, /reset starts over, Ctrl-D quits", file=sys.stderr)
+    while True:
+        try:
+            line = input("USER: ").strip()
+        except EOFError:
+            print()
+            return
+        if line == "/reset":
+            session.reset()
+            print("(conversation reset)")
+        elif line.startswith("/image "):
+            try:
+                session.reset([load_image(line.removeprefix("/image ").strip())])
+                print("(new image; conversation reset)")
+            except (FileNotFoundError, DataError) as err:
+                print(f"error: {err}")
+        elif line:
+            print("ASSISTANT: ", end="", flush=True)
+            try:
+                session.ask(line, out=sys.stdout)
+            except ValueError as err:
+                print(f"\n({err}: /reset to start over)")
+
+
+# ----------------------------------------------------------------------------- attention maps
+
+
+@torch.inference_mode()
+def attention_to_images(model: VLM, input_ids: list[int], px, answer: list[int], layers) -> torch.Tensor:
+    """How much each answer token attended to each image patch: (n_answer, n_images, grid, grid).
+
+    One forward pass over prompt + answer with explicit attention weights; the row that *predicted* answer
+    token k is the query at position T - 1 + k. Averaged over the chosen layers and all heads.
+    """
+    device = model.lm.tok_embed.weight.device
+    ids = torch.tensor([input_ids + answer[:-1]], device=device)  # (1, T + n - 1)
+    x = model.embed(ids, px)
+    positions = torch.arange(ids.size(1), device=device)[None]
+    _, attentions = model.lm(x, positions, need_weights=True)  # per layer (1, nh, L, L)
+    T, n = len(input_ids), len(answer)
+    att = torch.stack([attentions[i][0, :, T - 1 : T - 1 + n].float() for i in layers]).mean((0, 1))  # (n, L)
+    is_image = ids[0] == model.cfg.image_token_id
+    per_image = att[:, is_image].view(n, -1, model.cfg.num_image_tokens)  # (n, n_images, P)
+    if model.cfg.vision.class_token and not model.cfg.drop_cls:
+        per_image = per_image[..., 1:]  # the CLS token has no place on the image
+    grid = math.isqrt(per_image.size(-1))
+    return per_image.reshape(n, -1, grid, grid).cpu()
+
+
+def heat_on_image(heat: np.ndarray, image: Image.Image, mode: str) -> np.ndarray:
+    """A (grid, grid) patch map -> (h, w) over the original image, undoing the preprocessing.
+
+    pad: the grid covers the image padded to a centred square; crop: only the centred square was seen.
+    """
+    w, h = image.size
+    side = max(w, h) if mode == "pad" else min(w, h)
+    square = np.asarray(Image.fromarray(heat.astype(np.float32), mode="F").resize((side, side), Image.NEAREST))
+    if mode == "pad":
+        left, top = (side - w) // 2, (side - h) // 2
+        return square[top : top + h, left : left + w]
+    full = np.zeros((h, w), dtype=np.float32)  # cropped-away borders were never seen
+    left, top = (w - side) // 2, (h - side) // 2
+    full[top : top + side, left : left + side] = square
+    return full
+
+
+def colorize(heat: np.ndarray) -> np.ndarray:
+    """Values in 0..1 -> RGB uint8 on a black-red-yellow-white ("hot") scale."""
+    rgb = np.stack([heat * 3, heat * 3 - 1, heat * 3 - 2], axis=-1).clip(0, 1)
+    return (rgb * 255).astype(np.uint8)
+
+
+def overlay(image: Image.Image, heat: np.ndarray, mode: str, width: int) -> Image.Image:
+    """The image under its heat map (least to most attention: black, red, yellow, white), `width` pixels wide
+    with the image's aspect ratio."""
+    span = heat.max() - heat.min()
+    full = heat_on_image((heat - heat.min()) / span if span > 0 else np.zeros_like(heat), image, mode)
+    height = max(1, round(width * image.height / image.width))
+    colors = Image.fromarray(colorize(full)).resize((width, height), Image.NEAREST)
+    return Image.blend(image.resize((width, height), Image.BICUBIC), colors, 0.55)
+
+
+def words(tokenizer: Tokenizer, tokens: list[int]) -> list[tuple[str, list[int]]]:
+    """Group answer tokens into words: (text, indices); a sentencepiece piece starting with "▁" opens one."""
+    groups = []
+    for i, token in enumerate(tokens):
+        if not groups or tokenizer.sp.id_to_piece(token).startswith("\u2581"):
+            groups.append([])
+        groups[-1].append(i)
+    return [(tokenizer.decode([tokens[i] for i in g]).strip(), g) for g in groups]
+
+
+def write_attention_map(path, model: VLM, tokenizer: Tokenizer, input_ids, px, images, answer: list[int], layers,
+                        width=512, tile=96, per_row=8) -> list[Path]:
+    """path: each image under the answer's mean attention (image k > 1 goes to path_k.png), with the image's
+    aspect ratio; path_tokens.png: one small map per answer word and image."""
+    answer = answer[: answer.index(tokenizer.eos_id)] if tokenizer.eos_id in answer else answer
+    if not answer:
+        raise SystemExit("error: the answer is empty, so there is no attention to draw")
+    heat = attention_to_images(model, input_ids, px, answer, layers).numpy()  # (n, n_images, g, g)
+    path, mode, written = Path(path), model.cfg.image_mode, []
+    for k, image in enumerate(images):
+        out = path if k == 0 else path.with_name(f"{path.stem}_{k + 1}{path.suffix}")
+        overlay(image, heat[:, k].mean(0), mode, width).save(out)
+        written.append(out)
+    groups = words(tokenizer, answer)
+    tile_h = max(1, round(tile * images[0].height / images[0].width)) if images else tile
+    label_h, rows = 14, math.ceil(len(groups) / per_row)
+    strip = Image.new("RGB", (min(len(groups), per_row) * (tile + 4), rows * len(images) * (tile_h + label_h + 4)),
+                      "white")
+    draw = ImageDraw.Draw(strip)
+    for j, (text, indices) in enumerate(groups):
+        for k, image in enumerate(images):
+            x = (j % per_row) * (tile + 4)
+            y = ((j // per_row) * len(images) + k) * (tile_h + label_h + 4)
+            strip.paste(overlay(image, heat[indices, k].mean(0), mode, tile), (x, y))
+            draw.text((x + 2, y + tile_h + 1), text[:14], fill="black")
+    tokens_path = path.with_name(f"{path.stem}_tokens{path.suffix}")
+    strip.save(tokens_path)
+    return written + [tokens_path]
+
+
+def parse_layers(spec: str, n_layers: int) -> list[int]:
+    """"all", or comma-separated layer indices (negative counts from the end): "-1", "0,2,3"."""
+    if spec == "all":
+        return list(range(n_layers))
+    try:
+        layers = [int(s) for s in spec.split(",")]
+    except ValueError:
+        raise SystemExit(f"error: --attention-layers {spec!r}: give 'all' or comma-separated integers") from None
+    if not all(-n_layers <= i < n_layers for i in layers):
+        raise SystemExit(f"error: --attention-layers {spec!r}: the LM has layers 0..{n_layers - 1}")
+    return [i % n_layers for i in layers]
+
+
+# ----------------------------------------------------------------------------- main
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    torch.manual_seed(args.seed)
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dtype = {"auto": torch.bfloat16 if device.type == "cuda" else torch.float32, "float32": torch.float32,
+             "bfloat16": torch.bfloat16, "float16": torch.float16}[args.dtype]
+    images = load_images(args.image)
+    model, tokenizer = load(args.checkpoint, device, dtype)
+    if args.compile:
+        model.compile_decode_step()
+    if args.chat:
+        return chat(model, tokenizer, images, args)
+    if args.attention_map and args.num_samples != 1:
+        raise SystemExit("error: --attention-map draws one answer: use it with --num-samples 1")
+    template = args.template or model.cfg.template
+    prompt = build_prompt([{"from": "human", "value": with_image_tags(args.prompt, len(images))}], template)
+    input_ids = encode(tokenizer, model, prompt)
+    px = pixels(model, images)
+    tokens = generate(model, tokenizer, input_ids, px, args)
+    if args.attention_map:
+        if not images:
+            raise SystemExit("error: --attention-map needs an --image")
+        layers = parse_layers(args.attention_layers, model.cfg.lm.n_layers)
+        written = write_attention_map(args.attention_map, model, tokenizer, input_ids, px, images,
+                                      tokens[0].tolist(), layers)
+        print(f"attention map: {', '.join(map(str, written))}", file=sys.stderr)
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--checkpoint", default="out/finetune",
+                   help="checkpoint dir with config.json, model.safetensors and tokenizer.model")
+    p.add_argument("--image", action="append", default=[], metavar="PATH",
+                   help="an image; repeat for several images in one prompt (placed at the <image> tags, or first)")
+    p.add_argument("--prompt", default=DEFAULT_PROMPT, help="the question; may hold one <image> tag per --image")
+    p.add_argument("--template", choices=["plain", "vicuna_v1"], default=None,
+                   help="chat template (default: the one in the checkpoint's config, i.e. what it was trained with)")
+    p.add_argument("--max-new-tokens", type=int, default=256, help="longest answer, in tokens")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy; higher = more random")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling: keep the most likely tokens "
+                   "covering this much probability (1 = off)")
+    p.add_argument("--top-k", type=int, default=None, help="sample only from the k most likely tokens")
+    p.add_argument("--seed", type=int, default=0, help="random seed for sampling")
+    p.add_argument("--num-samples", type=int, default=1, help="answers to draw, decoded together as one batch")
+    p.add_argument("--chat", action="store_true",
+                   help="interactive vicuna_v1 chat; the image and the KV cache persist across turns")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda if available)")
+    p.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto",
+                   help="weight dtype; auto = bfloat16 on CUDA, float32 on CPU")
+    p.add_argument("--compile", action="store_true",
+                   help="compile the one-token decode step over a static KV cache (CUDA graphs on CUDA); the "
+                   "first call compiles, so it pays off for long or repeated generations")
+    p.add_argument("--attention-map", metavar="OUT.png", default=None,
+                   help="also write OUT.png (the image under the answer's attention to its patches) and "
+                   "OUT_tokens.png (one small map per answer word)")
+    p.add_argument("--attention-layers", default="all",
+                   help="LM layers to average for --attention-map: 'all' or indices like '-1' or '0,2'")
+    args = p.parse_args(argv)
+    if args.num_samples < 1 or args.max_new_tokens < 1:
+        p.error("--num-samples and --max-new-tokens must be at least 1")
+    if args.chat and (args.num_samples != 1 or args.attention_map):
+        p.error("--chat works with one sample and without --attention-map")
+    return args
+
+
+if __name__ == "__main__":
+    main()
