@@ -206,27 +206,55 @@ class LlavaDataset(Dataset):
 # ----------------------------------------------------------------------------- batches
 
 
-def collate(samples: list, pad_id: int) -> dict:
+def pack_rows(lengths: list[int], max_len: int) -> list[list[int]]:
+    """Group sample indices into rows of at most max_len tokens, first-fit by decreasing length.
+
+    Finetuning answers vary from a word to paragraphs; packing short samples together wastes less compute
+    on padding. A sample longer than max_len gets a row of its own.
+    """
+    rows, room = [], []
+    for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
+        fit = next((r for r, free in enumerate(room) if lengths[i] <= free), None)
+        if fit is None:
+            rows.append([i])
+            room.append(max_len - lengths[i])
+        else:
+            rows[fit].append(i)
+            room[fit] -= lengths[i]
+    return rows
+
+
+def collate(samples: list, pad_id: int, pack_len: int | None = None) -> dict:
     """Right-pad a list of sample dicts into a batch; Skipped samples are dropped and reported.
 
     pixel_values holds every image in placeholder order, row by row. num_tokens counts supervised labels, so
-    the training loop can normalise the loss over the whole global batch.
+    the training loop can normalise the loss over the whole global batch. With pack_len, several samples share
+    a row (see pack_rows) and segment_ids (R, T) says which sample each token belongs to (-1: padding), so the
+    model can keep them from attending to each other.
     """
     skipped = {s.index: s.reason for s in samples if isinstance(s, Skipped)}
     samples = [s for s in samples if not isinstance(s, Skipped)]
-    B, T = len(samples), max((len(s["input_ids"]) for s in samples), default=0)
-    input_ids = torch.full((B, T), pad_id, dtype=torch.long)
-    labels = torch.full((B, T), IGNORE, dtype=torch.long)
-    attention_mask = torch.zeros((B, T), dtype=torch.bool)
-    for b, s in enumerate(samples):
-        n = len(s["input_ids"])
-        input_ids[b, :n], labels[b, :n], attention_mask[b, :n] = s["input_ids"], s["labels"], True
-    images = [s["pixel_values"] for s in samples if s["pixel_values"] is not None]
+    lengths = [len(s["input_ids"]) for s in samples]
+    rows = pack_rows(lengths, pack_len) if pack_len else [[i] for i in range(len(samples))]
+    R, T = len(rows), max((sum(lengths[i] for i in row) for row in rows), default=0)
+    input_ids = torch.full((R, T), pad_id, dtype=torch.long)
+    labels = torch.full((R, T), IGNORE, dtype=torch.long)
+    segment_ids = torch.full((R, T), -1, dtype=torch.long)
+    for r, row in enumerate(rows):
+        start = 0
+        for segment, i in enumerate(row):
+            end = start + lengths[i]
+            input_ids[r, start:end], labels[r, start:end] = samples[i]["input_ids"], samples[i]["labels"]
+            segment_ids[r, start:end] = segment
+            start = end
+    order = [samples[i] for row in rows for i in row]
+    images = [s["pixel_values"] for s in order if s["pixel_values"] is not None]
     return {
-        "ids": [s["id"] for s in samples],
-        "input_ids": input_ids,  # (B, T)
-        "labels": labels,  # (B, T)
-        "attention_mask": attention_mask,  # (B, T)
+        "ids": [s["id"] for s in order],
+        "input_ids": input_ids,  # (R, T)
+        "labels": labels,  # (R, T)
+        "attention_mask": segment_ids >= 0,  # (R, T)
+        "segment_ids": segment_ids if pack_len else None,  # (R, T)
         "pixel_values": torch.cat(images) if images else None,  # (N, 3, S, S)
         "num_tokens": int((labels != IGNORE).sum()),
         "skipped": skipped,  # record index -> reason

@@ -3,6 +3,7 @@
 import torch
 from conftest import rel_err
 
+from data import collate, pack_rows
 from model import VLM, preset
 
 
@@ -28,36 +29,30 @@ def grads(model):
 
 def test_packed_batch_has_the_loss_and_gradients_of_the_unpacked_batch():
     model = tiny()
-    samples = [sample(model, n, seed) for seed, n in enumerate((5, 12, 8))]
-    # unpacked: three right-padded rows
-    T = max(len(s[0]) for s in samples)
-    ids = torch.zeros(3, T, dtype=torch.long)
-    labels = torch.full((3, T), -100)
-    for i, (x, y, _) in enumerate(samples):
-        ids[i, : len(x)], labels[i, : len(y)] = x, y
-    pixels = torch.cat([s[2] for s in samples])
-    _, loss = model(ids, pixels, labels=labels)
-    loss.backward()
-    want = grads(model)
-    model.zero_grad()
-    # packed: samples 0 and 1 share a row, sample 2 has its own, padding gets a segment of its own
-    row0 = torch.cat([samples[0][0], samples[1][0]])
-    L = max(len(row0), len(samples[2][0])) + 3
-    packed_ids = torch.zeros(2, L, dtype=torch.long)
-    packed_labels = torch.full((2, L), -100)
-    segments = torch.full((2, L), -1)
-    packed_ids[0, : len(row0)] = row0
-    packed_labels[0, : len(row0)] = torch.cat([samples[0][1], samples[1][1]])
-    segments[0, : len(samples[0][0])], segments[0, len(samples[0][0]) : len(row0)] = 0, 1
-    packed_ids[1, : len(samples[2][0])], packed_labels[1, : len(samples[2][1])] = samples[2][0], samples[2][1]
-    segments[1, : len(samples[2][0])] = 2
-    _, packed_loss = model(packed_ids, pixels, labels=packed_labels, segment_ids=segments)
-    packed_loss.backward()
+    samples = [dict(zip(("input_ids", "labels", "pixel_values"), sample(model, n, seed), strict=True)) | {"id": seed}
+               for seed, n in enumerate((5, 12, 8, 3))]
+    length = len(samples[0]["input_ids"])  # image block + BOS + 5 text tokens
+    plain = collate(samples, pad_id=0)
+    packed = collate(samples, pad_id=0, pack_len=2 * length + 10)
+    assert plain["input_ids"].shape[0] == 4 and packed["input_ids"].shape[0] == 2  # two samples per row
+    assert packed["num_tokens"] == plain["num_tokens"]
+    results = []
+    for batch in (plain, packed):
+        model.zero_grad()
+        _, loss = model(batch["input_ids"], batch["pixel_values"], labels=batch["labels"],
+                        segment_ids=batch["segment_ids"])
+        loss.backward()
+        results.append((loss, grads(model)))
+    (loss, want), (packed_loss, got) = results
     assert rel_err(packed_loss, loss) < 1e-5
-    got = grads(model)
     assert got.keys() == want.keys()
     for name in want:
         assert rel_err(got[name], want[name]) < 1e-4, name
+
+
+def test_pack_rows_fills_rows_first_fit_by_decreasing_length():
+    assert pack_rows([5, 9, 3, 7, 2], max_len=10) == [[1], [3, 2], [0, 4]]
+    assert pack_rows([12, 4], max_len=10) == [[0], [1]]  # too long for any row: alone
 
 
 def test_packing_without_segments_would_leak_attention():
