@@ -274,6 +274,9 @@ class VLM(nn.Module):
         state.positions = state.positions + attention_mask.sum(1, keepdim=True)  # (B, 1) the next token's
         state.length = start + T
         done = torch.zeros(B, dtype=torch.bool, device=x.device)
+        head_t = self.lm.head.weight.t()  # (C, V)
+        if head_t.device.type == "cpu":  # MKL's one-row product reads (C, V) ~3x faster than a (V, C) view
+            head_t = head_t.contiguous()  # one copy per call pays for itself within two tokens
         self.use_cache(state)
         try:
             h = self.lm(x, positions, attention_mask_for(state.valid, slots), slots)[:, -1]  # (B, C)
@@ -289,19 +292,20 @@ class VLM(nn.Module):
                     break
                 slot = torch.tensor([state.length], device=x.device)  # a tensor: one compiled step fits all
                 state.valid[:, state.length] = True
-                logits = self.decode_step(token, state.positions, slot, state.valid)
+                logits = self.decode_step(token, state.positions, slot, state.valid, head_t)
                 state.positions, state.length = state.positions + 1, state.length + 1
         finally:
             self.lm.clear_cache()
 
-    def decode_step(self, token, positions, slot, valid):
+    def decode_step(self, token, positions, slot, valid, head_t):
         """One token per row through the cached LM: token (B,), positions (B, 1), slot (1,) -> logits (B, V).
 
-        Every shape is fixed by the cache size, so compile_decode_step() compiles it once for all steps.
+        head_t (C, V) is the LM head's weight, transposed. Every shape is fixed by the cache size, so
+        compile_decode_step() compiles it once for all steps.
         """
         x = self.lm.tok_embed(token[:, None])  # (B, 1, C)
         h = self.lm(x, positions, valid[:, None, None, :], slot)[:, -1]  # (B, C)
-        return self.lm.head(h)
+        return h @ head_t  # (B, V)
 
     def compile_decode_step(self):
         """gpt-fast's trick: compile the one-token step; on CUDA, "reduce-overhead" replays it as a CUDA graph.
