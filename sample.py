@@ -33,6 +33,8 @@ DEFAULT_PROMPT = "Describe the image."
 
 def load(checkpoint, device, dtype) -> tuple[VLM, Tokenizer]:
     """The model and its tokenizer; a missing or broken file is a one-line error naming it."""
+    if not Path(checkpoint).is_dir():
+        raise SystemExit(f"error: {checkpoint}: no such checkpoint directory (python train.py writes out/finetune)")
     try:
         model = VLM.from_pretrained(checkpoint, device=device, dtype=dtype).eval()
         tokenizer = Tokenizer(Path(checkpoint) / "tokenizer.model")
@@ -372,17 +374,17 @@ def parse_args(argv=None):
                    help="an image; repeat for several images in one prompt (placed at the <image> tags, or first)")
     p.add_argument("--prompt", default=DEFAULT_PROMPT, help="the question; may hold one <image> tag per --image")
     p.add_argument("--template", choices=["plain", "vicuna_v1"], default=None,
-                   help="chat template (default: the one in the checkpoint's config, i.e. what it was trained with)")
+                   help="chat template; None = the checkpoint's own (the one it was finetuned with)")
     p.add_argument("--max-new-tokens", type=int, default=256, help="longest answer, in tokens")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy; higher = more random")
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling: keep the most likely tokens "
                    "covering this much probability (1 = off)")
-    p.add_argument("--top-k", type=int, default=None, help="sample only from the k most likely tokens")
+    p.add_argument("--top-k", type=int, default=None, help="sample only from the k most likely tokens; None = from all")
     p.add_argument("--seed", type=int, default=0, help="random seed for sampling")
     p.add_argument("--num-samples", type=int, default=1, help="answers to draw, decoded together as one batch")
     p.add_argument("--chat", action="store_true",
                    help="interactive vicuna_v1 chat; the image and the KV cache persist across turns")
-    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda if available)")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ...; None = cuda if available, else cpu")
     p.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto",
                    help="weight dtype; auto = bfloat16 on CUDA, float32 on CPU")
     p.add_argument("--compile", action="store_true",

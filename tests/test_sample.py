@@ -280,7 +280,11 @@ def test_a_missing_checkpoint_is_one_line_naming_it(trained, tmp_path):
     with pytest.raises(SystemExit) as exit_info:
         sample.main(["--checkpoint", str(tmp_path / "nowhere"), "--image", str(trained["images"][0])])
     message = str(exit_info.value.code)
-    assert "\n" not in message and str(tmp_path / "nowhere" / "config.json") in message
+    assert "\n" not in message and str(tmp_path / "nowhere") in message
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(SystemExit) as exit_info:
+        sample.main(["--checkpoint", str(tmp_path / "empty"), "--image", str(trained["images"][0])])
+    assert str(tmp_path / "empty" / "config.json") in str(exit_info.value.code)
 
 
 def test_an_unreadable_tokenizer_is_one_line_naming_it(trained, tmp_path):
