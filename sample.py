@@ -388,8 +388,8 @@ def parse_args(argv=None):
     p.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto",
                    help="weight dtype; auto = bfloat16 on CUDA, float32 on CPU")
     p.add_argument("--compile", action="store_true",
-                   help="compile the one-token decode step over a static KV cache (CUDA graphs on CUDA); the "
-                   "first call compiles, so it pays off for long or repeated generations")
+                   help="compile the one-token decode step over a static KV cache, with CUDA graphs on CUDA. It "
+                   "works on CPU but measured no faster there: CPU decoding is bound by reading the weights")
     p.add_argument("--attention-map", metavar="OUT.png", default=None,
                    help="also write OUT.png (the image under the answer's attention to its patches) and "
                    "OUT_tokens.png (one small map per answer word)")
