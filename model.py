@@ -275,10 +275,10 @@ class VLM(nn.Module):
         state.length = start + T
         done = torch.zeros(B, dtype=torch.bool, device=x.device)
         # MKL's fp32 one-row product reads a (C, V) copy of the head ~3x faster than the (V, C) weight; the copy
-        # is repaid within ~5 tokens. GPUs read both layouts alike.
-        head_t = self.lm.head.weight.t()  # (C, V)
-        if head_t.device.type == "cpu" and head_t.dtype == torch.float32 and max_new_tokens > 1:
-            head_t = head_t.contiguous()
+        # is repaid within ~5 tokens. GPUs read both layouts alike (and CUDA graphs want the parameter itself).
+        head_t, weight = None, self.lm.head.weight
+        if weight.device.type == "cpu" and weight.dtype == torch.float32 and max_new_tokens > 1:
+            head_t = weight.t().contiguous()  # (C, V)
         self.use_cache(state)
         try:
             h = self.lm(x, positions, attention_mask_for(state.valid, slots), slots)[:, -1]  # (B, C)
@@ -299,15 +299,15 @@ class VLM(nn.Module):
         finally:
             self.lm.clear_cache()
 
-    def decode_step(self, token, positions, slot, valid, head_t):
+    def decode_step(self, token, positions, slot, valid, head_t=None):
         """One token per row through the cached LM: token (B,), positions (B, 1), slot (1,) -> logits (B, V).
 
-        head_t (C, V) is the LM head's weight, transposed. Every shape is fixed by the cache size, so
-        compile_decode_step() compiles it once for all steps.
+        head_t: an optional (C, V) copy of the LM head's weight (see stream). Every shape is fixed by the cache
+        size, so compile_decode_step() compiles it once for all steps.
         """
         x = self.lm.tok_embed(token[:, None])  # (B, 1, C)
         h = self.lm(x, positions, valid[:, None, None, :], slot)[:, -1]  # (B, C)
-        return h @ head_t  # (B, V)
+        return self.lm.head(h) if head_t is None else h @ head_t  # (B, V)
 
     def compile_decode_step(self):
         """gpt-fast's trick: compile the one-token step; on CUDA, "reduce-overhead" replays it as a CUDA graph.
