@@ -121,16 +121,23 @@ def decoding(args, model: VLM) -> dict:
 
 
 def generate(model: VLM, tokenizer: Tokenizer, input_ids: list[int], px, args, out=None) -> torch.Tensor:
-    """Decode args.num_samples answers as one batch; one sample streams to `out` (stdout). -> (N, <= max_new)."""
+    """Decode args.num_samples answers as one batch; one sample streams to `out` (stdout). -> (N, <= max_new).
+
+    Answers stop at the model's context length, as they do in a chat.
+    """
     out = out or sys.stdout
     device = model.lm.tok_embed.weight.device
     ids = torch.tensor([input_ids], device=device).expand(args.num_samples, -1)  # (N, T)
     if px is not None:
         px = px.repeat(args.num_samples, 1, 1, 1)  # (N * images, 3, S, S)
-    state = model.new_state(args.num_samples) if args.compile else None  # one static size for the compiled step
+    context = model.cfg.lm.max_seq_len
+    if len(input_ids) >= context:
+        raise SystemExit(f"error: the prompt is {len(input_ids)} tokens, the model's context only {context}")
+    kw = decoding(args, model) | {"max_new_tokens": min(args.max_new_tokens, context - len(input_ids))}
+    state = model.new_state(args.num_samples) if args.compile else None  # the whole context: one static shape
     stream = TextStream(tokenizer) if args.num_samples == 1 else None
     steps = []
-    for token in model.stream(ids, px, eos_id=tokenizer.eos_id, state=state, **decoding(args, model)):
+    for token in model.stream(ids, px, eos_id=tokenizer.eos_id, state=state, **kw):
         steps.append(token)
         if stream is not None and int(token[0]) != tokenizer.eos_id:
             print(stream.push(int(token[0])), end="", file=out, flush=True)

@@ -261,6 +261,8 @@ def test_compile_flag_gives_the_eager_answer(trained, capsys):
             "--max-new-tokens", "12"]
     eager = run_cli(capsys, *argv)
     assert run_cli(capsys, *argv, "--compile") == eager
+    long = ["--checkpoint", trained["dir"], "--image", trained["images"][0], "--max-new-tokens", "1000"]
+    assert run_cli(capsys, *long, "--compile") == run_cli(capsys, *long)  # both stop at the model's context
 
 
 # ----------------------------------------------------------------------------- errors
