@@ -3,7 +3,7 @@
     python sample.py --image photo.jpg                                  # out/finetune, "Describe the image."
     python sample.py --image a.png --image b.png --prompt "<image> vs <image>: what changed?"
     python sample.py --image photo.jpg --chat                           # /image PATH and /reset in the chat
-    python sample.py --image photo.jpg --attention-map attn.png         # where did the answer look?
+    python sample.py --image photo.jpg --attention-map attn.png         # + attn_tokens.png, one map per word
 
 Decoding follows LLaVA's: the prompt goes through the checkpoint's chat template, each `<image>` becomes a block
 of placeholder tokens, and tokens are decoded one by one from a KV cache until "</s>". --compile compiles the
@@ -68,7 +68,7 @@ def with_image_tags(prompt: str, num_images: int) -> str:
     if tags == 0:
         return IMAGE * num_images + "\n" * bool(num_images) + prompt
     if tags != num_images:
-        raise SystemExit(f"error: the prompt has {tags} {IMAGE} tags but {num_images} images were given")
+        raise ValueError(f"the prompt has {tags} {IMAGE} tags but {num_images} images were given")
     return prompt
 
 
@@ -175,7 +175,8 @@ class Chat:
         self.messages, self.pending = [], []
 
     def ask(self, question: str, out=None) -> str:
-        """Answer one question, streaming it to `out` if given; the exchange joins the conversation."""
+        """Answer one question, streaming "ASSISTANT: answer" to `out` if given; the exchange joins the
+        conversation. A question that cannot be asked (no room left, wrong image tags) is a ValueError."""
         first = not self.messages
         value = with_image_tags(question, len(self.images)) if first else question
         self.messages.append({"from": "human", "value": value})
@@ -184,11 +185,14 @@ class Chat:
         room = self.state.valid.size(1) - self.state.length - len(new_ids)
         if room < 1:
             self.messages.pop()
-            raise ValueError(f"the conversation no longer fits the context of {self.state.valid.size(1)} tokens")
+            raise ValueError(f"the conversation no longer fits the context of {self.state.valid.size(1)} tokens: "
+                             "/reset to start over")
         device = self.model.lm.tok_embed.weight.device
         px = pixels(self.model, self.images) if first else None
         kw = self.decode_kw | {"max_new_tokens": min(self.decode_kw.get("max_new_tokens", 256), room)}
         stream, tokens = TextStream(self.tokenizer), []
+        if out is not None:
+            print("ASSISTANT: ", end="", file=out, flush=True)
         for token in self.model.stream(torch.tensor([new_ids], device=device), px, eos_id=self.tokenizer.eos_id,
                                        state=self.state, **kw):
             tokens.append(int(token[0]))
@@ -223,11 +227,10 @@ def chat(model: VLM, tokenizer: Tokenizer, images: list[Image.Image], args):
             except (FileNotFoundError, DataError) as err:
                 print(f"error: {err}")
         elif line:
-            print("ASSISTANT: ", end="", flush=True)
             try:
                 session.ask(line, out=sys.stdout)
             except ValueError as err:
-                print(f"\n({err}: /reset to start over)")
+                print(f"error: {err}")
 
 
 # ----------------------------------------------------------------------------- attention maps
@@ -359,7 +362,10 @@ def main(argv=None):
     if args.attention_map and args.num_samples != 1:
         raise SystemExit("error: --attention-map draws one answer: use it with --num-samples 1")
     template = args.template or model.cfg.template
-    prompt = build_prompt([{"from": "human", "value": with_image_tags(args.prompt, len(images))}], template)
+    try:
+        prompt = build_prompt([{"from": "human", "value": with_image_tags(args.prompt, len(images))}], template)
+    except ValueError as err:
+        raise SystemExit(f"error: {err}") from None
     input_ids = encode(tokenizer, model, prompt)
     px = pixels(model, images)
     tokens = generate(model, tokenizer, input_ids, px, args)

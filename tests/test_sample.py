@@ -202,6 +202,18 @@ def test_chat_second_turn_equals_one_shot_and_prefills_only_new_tokens(trained, 
     assert chat.ask(q2) == reference_answer(trained, "<image>\n" + q2, trained["images"][:1], max_new_tokens=20)
 
 
+def test_a_full_chat_context_is_an_error_that_reset_clears(trained):
+    chat = sample.Chat(trained["model"], trained["tokenizer"], [load_image(trained["images"][0])], max_new_tokens=8)
+    with pytest.raises(ValueError, match="no longer fits the context of 320 tokens: /reset"):
+        for _ in range(10):
+            chat.ask("How many objects are there in this picture, counting all of them?")
+    kept = len(chat.messages)
+    assert kept % 2 == 0 and chat.state.length <= 320  # the refused question left no trace
+    chat.reset()
+    assert chat.ask("How many objects are there?") == reference_answer(
+        trained, "<image>\nHow many objects are there?", trained["images"][:1], max_new_tokens=8)
+
+
 def test_chat_cli_reads_turns_and_commands(trained, capsys, monkeypatch):
     lines = ["What color is the triangle?", "/reset", "Is there a red circle?", f"/image {trained['images'][1]}",
              "How many objects are there?", "/image no/such.png", ""]
@@ -211,6 +223,9 @@ def test_chat_cli_reads_turns_and_commands(trained, capsys, monkeypatch):
     assert out.count("ASSISTANT: ") == 3
     assert "(conversation reset)" in out and "(new image; conversation reset)" in out
     assert "no/such.png: no such image" in out
+    monkeypatch.setattr(sys, "stdin", io.StringIO("<image> <image> Which is bigger?\nHow many objects are there?\n"))
+    out = run_cli(capsys, "--checkpoint", trained["dir"], "--image", trained["images"][0], "--chat")
+    assert "2 <image> tags but 1 images" in out and out.count("ASSISTANT: ") == 1  # the chat goes on
     last = out.split("ASSISTANT: ")[-1].splitlines()[0]
     assert last == reference_answer(trained, "<image>\nHow many objects are there?", trained["images"][1:],
                                     max_new_tokens=10)
