@@ -162,6 +162,56 @@ def bench_decode(ours, hf, args, device, dtype, report):
                 "tokens_per_s": batch_size * (args.new_tokens - 1) / max(total - prefill, 1e-9), "prefill_s": prefill}
 
 
+def llava_mix_samples(model: VLM, n: int, seed=0) -> list[dict]:
+    """Finetuning samples with LLaVA-mix-like lengths: one image, a ~40-token prompt, and an answer that is a
+    short phrase half the time (VQA-style) and a long-tailed paragraph otherwise (lognormal, median ~90)."""
+    cfg = model.cfg
+    g = torch.Generator().manual_seed(seed)
+    samples = []
+    for i in range(n):
+        short = torch.rand(1, generator=g).item() < 0.5
+        answer = int(torch.randint(2, 9, (1,), generator=g)) if short else \
+            int(min(512, torch.empty(1).log_normal_(4.5, 0.7, generator=g).item()))
+        prompt = torch.randint(3, cfg.image_token_id, (40,), generator=g)
+        text = torch.randint(3, cfg.image_token_id, (answer,), generator=g)
+        ids = torch.cat([torch.tensor([1]), torch.full((cfg.num_image_tokens,), cfg.image_token_id), prompt, text])
+        labels = torch.cat([torch.full((len(ids) - answer,), -100), text])
+        pixels = torch.randn(1, 3, cfg.vision.image_size, cfg.vision.image_size, generator=g)
+        samples.append({"id": i, "input_ids": ids, "labels": labels, "pixel_values": pixels})
+    return samples
+
+
+def bench_pack(model, args, device, dtype, report):
+    """Padded vs packed finetuning batches of the same samples: real (non-padding) tokens per second."""
+    from data import collate
+
+    samples = llava_mix_samples(model, args.batch_size)
+    longest = max(len(s["input_ids"]) for s in samples)
+    batches = {"padded": collate(samples, pad_id=0), "packed": collate(samples, pad_id=0, pack_len=longest)}
+    autocast = torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else nullcontext()
+    params = freeze_like_finetune(model.vision, [model.projector, model.lm])
+    optimizer = torch.optim.AdamW(params, lr=1e-5, fused=device.type == "cuda")
+
+    def step_fn(batch):
+        def step():
+            with autocast:
+                _, loss = model(batch["input_ids"].to(device), batch["pixel_values"].to(device),
+                                labels=batch["labels"].to(device), segment_ids=None if batch["segment_ids"] is None
+                                else batch["segment_ids"].to(device))
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        return step
+
+    times = interleave({k: step_fn(b) for k, b in batches.items()}, args.repeats, args.warmup, device)
+    real = sum(len(s["input_ids"]) for s in samples)
+    for name, batch in batches.items():
+        step = statistics.median(times[name])
+        rows, row_len = batch["input_ids"].shape
+        report.setdefault("pack", {})[name] = {"rows": rows, "row_len": row_len, "step_s": step,
+                                               "real_tokens_per_s": real / step}
+
+
 def peak_flops() -> float:
     name = torch.cuda.get_device_name()
     return next((v for k, v in PEAK_FLOPS.items() if k in name), 989e12)
@@ -182,10 +232,17 @@ def load_hf_twin(model: VLM, device, dtype):
 
 
 def print_table(report: dict):
+    if "pack" in report:
+        padded, packed = report["pack"]["padded"], report["pack"]["packed"]
+        for name, row in report["pack"].items():
+            print(f"{name:<8} {row['rows']:>3} rows x {row['row_len']:>4} tokens  {row['step_s']:.3f} s/step  "
+                  f"{row['real_tokens_per_s']:,.0f} real tokens/s")
+        print(f"packing gain: {packed['real_tokens_per_s'] / padded['real_tokens_per_s']:.2f}x")
+    sections = {k: rows for k, rows in report.items() if isinstance(rows, dict) and "ours" in rows}
+    if not sections:
+        return
     print(f"{'measure':<28}{'ours':>14}{'transformers':>16}{'ratio':>10}")
-    for section, rows in report.items():
-        if not isinstance(rows, dict) or "ours" not in rows:
-            continue
+    for section, rows in sections.items():
         for metric, value in rows["ours"].items():
             ref = rows.get("transformers", {}).get(metric)
             better_low = metric.endswith(("_s", "_gb")) and not metric.endswith("per_s")
@@ -199,7 +256,8 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--config", default="small", help="a preset from model.py: tiny, small, tinyllava-1.1b, ...")
-    p.add_argument("--what", choices=["train", "decode", "all"], default="all")
+    p.add_argument("--what", choices=["train", "decode", "pack", "all"], default="all",
+                   help="pack: padded vs packed finetuning batches with LLaVA-mix-like lengths (ours only)")
     p.add_argument("--compare-hf", action="store_true", help="also time transformers on the same weights")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
@@ -225,6 +283,8 @@ def main(argv=None):
               "threads": torch.get_num_threads(), "dtype": str(dtype).removeprefix("torch.")}
     if args.what in ("train", "all"):
         bench_train(ours, hf, args, device, dtype, report)
+    if args.what == "pack":
+        bench_pack(ours, args, device, dtype, report)
     if args.what in ("decode", "all"):
         ours_dec, hf_dec = ours.to(dtype).eval(), hf.to(dtype).eval() if hf is not None else None
         bench_decode(ours_dec, hf_dec, args, device, dtype, report)
