@@ -1,0 +1,203 @@
+"""Score a VLM on short-answer questions: greedy, batched decoding and exact match after normalisation.
+
+Follows LLaVA's VQA-style evaluation (Liu et al. 2024): the last `gpt` turn of each record is the reference,
+answers are normalised (lowercase, no punctuation or articles, number words as digits) and compared exactly.
+`--blind` replaces every image with zeros: the gap to the normal score shows how much the model looks.
+train.py's main job imports `evaluate_qa`, so its final two lines come from this exact code path.
+"""
+
+import argparse
+import json
+import string
+import sys
+from pathlib import Path
+
+import torch
+
+from data import DataError, ShapesWorld, clean_record, load_image, preprocess, read_records, skip_report
+from model import VLM
+from tokenizer import IMAGE, Tokenizer, build_prompt, tokenize_prompt
+
+ARTICLES = {"a", "an", "the"}
+NUMBERS = {w: str(i) for i, w in enumerate(
+    "zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen sixteen "
+    "seventeen eighteen nineteen twenty".split())}
+PUNCTUATION = str.maketrans({c: " " for c in string.punctuation})
+
+
+def normalize(answer: str) -> str:
+    """"The Two." -> "2": lowercase, punctuation to spaces, articles dropped, number words as digits."""
+    words = answer.lower().translate(PUNCTUATION).split()
+    return " ".join(NUMBERS.get(w, w) for w in words if w not in ARTICLES)
+
+
+# ----------------------------------------------------------------------------- records
+
+
+def shapes_records(n: int, image_size: int, world: ShapesWorld | None = None) -> list[dict]:
+    """n held-out ShapesWorld questions as eval records: {"id", "images", "conversations", "category"}."""
+    world = world or ShapesWorld(image_size=image_size, test_size=max(n, ShapesWorld.test_size))
+    if n > world.test_size:
+        raise ValueError(f"--shapes {n} is more than the {world.test_size} scenes of the held-out split")
+    records = []
+    for i in range(n):
+        record = world.record(i, "qa", "test")
+        records.append(record | {"images": [record.pop("image")]})
+    return records
+
+
+def file_records(path, image_folder) -> tuple[list[dict], dict[int, str], int]:
+    """LLaVA-format records with their images loaded; bad ones are skipped. -> (records, skipped, total)"""
+    raw = read_records(path)
+    folder = Path(image_folder) if image_folder is not None else Path(path).parent
+    records, skipped = [], {}
+    for index, record in enumerate(raw):
+        clean = clean_record(record, index)
+        if isinstance(clean, str):
+            skipped[index] = clean
+            continue
+        try:
+            images = [load_image(folder / p) for p in clean["images"]]
+        except FileNotFoundError:
+            skipped[index] = "missing image"
+            continue
+        except DataError:
+            skipped[index] = "unreadable image"
+            continue
+        category = record.get("category", "all")
+        records.append(clean | {"images": images, "category": str(category)})
+    return records, skipped, len(raw)
+
+
+def question_prompt(conversations: list[dict], template: str, suffix: str | None) -> tuple[str, str, str]:
+    """-> (prompt ending in "ASSISTANT:", the question, the reference answer): the last gpt turn is the answer."""
+    *context, reference = conversations
+    question = context[-1]["value"]
+    if suffix:
+        context = context[:-1] + [{"from": context[-1]["from"], "value": f"{question}\n{suffix}"}]
+    return build_prompt(context, template), question.replace(IMAGE, "").strip(), reference["value"]
+
+
+# ----------------------------------------------------------------------------- scoring
+
+
+@torch.inference_mode()
+def evaluate_qa(model: VLM, tokenizer: Tokenizer, records: list[dict], batch_size=64, blind=False,
+                prompt_suffix=None, max_new_tokens=16, template=None) -> dict:
+    """Greedy answers for every record, batched with left padding. -> {"accuracy", "correct", "total",
+    "by_category": {name: (correct, total)}, "predictions": [one dict per record]}"""
+    cfg = model.cfg
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    predictions = []
+    for start in range(0, len(records), batch_size):
+        batch = records[start:start + batch_size]
+        prompts = [question_prompt(r["conversations"], template or cfg.template, prompt_suffix) for r in batch]
+        ids = [tokenize_prompt(tokenizer, p, cfg.image_token_id, cfg.num_image_tokens) for p, _, _ in prompts]
+        T = max(map(len, ids))
+        input_ids = torch.full((len(ids), T), tokenizer.pad_id, dtype=torch.long)
+        attention_mask = torch.zeros((len(ids), T), dtype=torch.bool)
+        for row, seq in enumerate(ids):  # left padding: every prompt ends where generation starts
+            input_ids[row, T - len(seq):] = torch.tensor(seq)
+            attention_mask[row, T - len(seq):] = True
+        images = [preprocess(im, cfg.vision, cfg.image_mode) for r in batch for im in r["images"]]
+        pixel_values = torch.stack(images) if images else None  # (N, 3, S, S)
+        if blind and pixel_values is not None:
+            pixel_values = torch.zeros_like(pixel_values)
+        if pixel_values is not None:
+            pixel_values = pixel_values.to(device)
+        new_tokens = model.generate(input_ids.to(device), pixel_values, max_new_tokens=max_new_tokens,
+                                    eos_id=tokenizer.eos_id, attention_mask=attention_mask.to(device))
+        for record, (_, question, reference), tokens in zip(batch, prompts, new_tokens.tolist(), strict=True):
+            if tokenizer.eos_id in tokens:
+                tokens = tokens[:tokens.index(tokenizer.eos_id)]
+            answer = tokenizer.decode(tokens).strip()
+            predictions.append({"id": record["id"], "category": record.get("category", "all"), "question": question,
+                                "reference": reference, "prediction": answer,
+                                "correct": normalize(answer) == normalize(reference)})
+    model.train(was_training)
+    by_category = {}
+    for p in predictions:
+        correct, total = by_category.get(p["category"], (0, 0))
+        by_category[p["category"]] = (correct + p["correct"], total + 1)
+    correct = sum(p["correct"] for p in predictions)
+    return {"accuracy": correct / max(len(predictions), 1), "correct": correct, "total": len(predictions),
+            "by_category": dict(sorted(by_category.items())), "predictions": predictions}
+
+
+def category_table(result: dict) -> str:
+    """A small aligned table: category, accuracy, correct/total."""
+    rows = [(name, c / t, f"{c}/{t}") for name, (c, t) in result["by_category"].items()]
+    width = max([len("category")] + [len(r[0]) for r in rows])
+    lines = [f"{'category':<{width}}  accuracy  correct"]
+    lines += [f"{name:<{width}}  {acc:8.3f}  {frac}" for name, acc, frac in rows]
+    return "\n".join(lines)
+
+
+def accuracy_line(result: dict, label="accuracy") -> str:
+    return f"{label}: {result['accuracy']:.3f} ({result['correct']}/{result['total']})"
+
+
+def write_predictions(result: dict, path) -> None:
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as f:
+        for p in result["predictions"]:
+            f.write(json.dumps(p) + "\n")
+
+
+# ----------------------------------------------------------------------------- CLI
+
+
+def load_checkpoint(ckpt_dir, device) -> tuple[VLM, Tokenizer]:
+    """The model and its tokenizer, or SystemExit with one line naming the file."""
+    try:
+        model = VLM.from_pretrained(ckpt_dir, device=device)
+        tokenizer = Tokenizer(Path(ckpt_dir) / "tokenizer.model")
+    except (FileNotFoundError, ValueError, KeyError, OSError) as err:
+        raise SystemExit(f"error: {err}") from None
+    return model.eval(), tokenizer
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--checkpoint", default="out/finetune", help="checkpoint dir (config.json, "
+                        "model.safetensors, tokenizer.model)")
+    parser.add_argument("--data", help="LLaVA-format QA records (.json or .jsonl); the last gpt turn is the answer")
+    parser.add_argument("--image-folder", help="image paths in --data are relative to this (default: its folder)")
+    parser.add_argument("--shapes", type=int, metavar="N", help="instead of --data: N held-out ShapesWorld questions")
+    parser.add_argument("--blind", action="store_true", help="replace every image with zeros (the ablation)")
+    parser.add_argument("--prompt-suffix", help='appended to the question on a new line, e.g. "Answer the '
+                        'question using a single word or phrase."')
+    parser.add_argument("--template", help="chat template (default: the one the checkpoint was finetuned with)")
+    parser.add_argument("--batch-size", type=int, default=64, help="questions decoded together")
+    parser.add_argument("--max-new-tokens", type=int, default=16, help="longest answer generated")
+    parser.add_argument("--predictions", help="where to write predictions.jsonl (default: inside --checkpoint)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu, cuda, ...")
+    args = parser.parse_args(argv)
+    if (args.data is None) == (args.shapes is None):
+        parser.error("give exactly one of --data FILE or --shapes N")
+
+    model, tokenizer = load_checkpoint(args.checkpoint, args.device)
+    try:
+        if args.shapes is not None:
+            records, skipped, total = shapes_records(args.shapes, model.cfg.vision.image_size), {}, args.shapes
+        else:
+            records, skipped, total = file_records(args.data, args.image_folder)
+    except (DataError, ValueError) as err:
+        raise SystemExit(f"error: {err}") from None
+    if skipped:
+        print(skip_report(skipped, total), file=sys.stderr)
+    result = evaluate_qa(model, tokenizer, records, args.batch_size, args.blind, args.prompt_suffix,
+                         args.max_new_tokens, args.template)
+    path = args.predictions or Path(args.checkpoint) / ("predictions_blind.jsonl" if args.blind
+                                                        else "predictions.jsonl")
+    write_predictions(result, path)
+    print(category_table(result))
+    print(f"predictions written to {path}")
+    print(accuracy_line(result))
+
+
+if __name__ == "__main__":
+    main()
