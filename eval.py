@@ -34,9 +34,15 @@ def normalize(answer: str) -> str:
 # ----------------------------------------------------------------------------- records
 
 
-def shapes_records(n: int, image_size: int, world: ShapesWorld | None = None) -> list[dict]:
+def checkpoint_world(ckpt_dir, image_size: int, n: int) -> ShapesWorld:
+    """The ShapesWorld a checkpoint was trained on (train.py records it in training.json), at the model's size."""
+    training = Path(ckpt_dir) / "training.json"
+    settings = json.loads(training.read_text()).get("shapes_world", {}) if training.is_file() else {}
+    return ShapesWorld(**({"image_size": image_size} | settings | {"test_size": max(n, ShapesWorld.test_size)}))
+
+
+def shapes_records(n: int, world: ShapesWorld) -> list[dict]:
     """n held-out ShapesWorld questions as eval records: {"id", "images", "conversations", "category"}."""
-    world = world or ShapesWorld(image_size=image_size, test_size=max(n, ShapesWorld.test_size))
     if n > world.test_size:
         raise ValueError(f"--shapes {n} is more than the {world.test_size} scenes of the held-out split")
     records = []
@@ -182,7 +188,8 @@ def main(argv=None):
     model, tokenizer = load_checkpoint(args.checkpoint, args.device)
     try:
         if args.shapes is not None:
-            records, skipped, total = shapes_records(args.shapes, model.cfg.vision.image_size), {}, args.shapes
+            world = checkpoint_world(args.checkpoint, model.cfg.vision.image_size, args.shapes)
+            records, skipped, total = shapes_records(args.shapes, world), {}, args.shapes
         else:
             records, skipped, total = file_records(args.data, args.image_folder)
     except (DataError, ValueError) as err:

@@ -32,7 +32,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from data import DataError, GlobalBatchSampler, LlavaDataset, ShapesDataset, ShapesWorld, collate, skip_report
-from eval import category_table, evaluate_qa, shapes_records, write_predictions
+from eval import category_table, checkpoint_world, evaluate_qa, shapes_records, write_predictions
 from lora import apply_lora, lora_state_dict, merge_lora
 from model import PRESETS, VLM, preset, tiny_config
 from tokenizer import Tokenizer, train_tokenizer
@@ -42,12 +42,12 @@ PARTS = ("vision", "projector", "lm")
 # The main job: tuned so that both stages and the evaluation finish in under 10 minutes on 2 CPU cores.
 # Each stage's flags are parsed like a command line; flags given to `python train.py` are appended, so they win.
 MAIN_JOB = {
-    "pretrain": ["--init", "tiny", "--max-steps", "300", "--batch-size", "32", "--lr", "2e-3", "--warmup-ratio",
+    "pretrain": ["--init", "tiny", "--max-steps", "400", "--batch-size", "32", "--lr", "2e-3", "--warmup-ratio",
                  "0.05"],
-    "finetune": ["--max-steps", "1500", "--batch-size", "32", "--lr", "2e-3", "--warmup-ratio", "0.05"],
+    "finetune": ["--max-steps", "1400", "--batch-size", "32", "--lr", "1e-3", "--warmup-ratio", "0.05"],
 }
 MAIN_JOB_EVAL = 1000  # held-out ShapesWorld questions scored at the end
-SHAPES_WORLD = dict(image_size=48)  # ShapesWorld settings of the main job; the tiny preset sees these images
+SHAPES_WORLD = dict(image_size=48)  # ShapesWorld as the main job draws it, at the tiny preset's image size
 
 
 # ----------------------------------------------------------------------------- distributed setup
@@ -234,7 +234,24 @@ def build_dataset(args, tokenizer: Tokenizer, model: VLM):
     world = shapes_world(args, cfg.vision.image_size)
     dataset = ShapesDataset(world, tokenizer, cfg, task, template=args.template, max_len=args.max_len,
                             image_mode=cfg.image_mode)
+    if task == "qa" and args.shapes_captions > 0:
+        captions = ShapesDataset(world, tokenizer, cfg, "caption", template=args.template, max_len=args.max_len,
+                                 image_mode=cfg.image_mode)
+        dataset = Interleave(dataset, captions, round(1 / args.shapes_captions))
     return dataset, args.max_steps * args.global_batch, False
+
+
+class Interleave(torch.utils.data.Dataset):
+    """Sample i is from `other` when i is a multiple of `every`, else from `main`: a fixed mix, any world size."""
+
+    def __init__(self, main, other, every: int):
+        self.main, self.other, self.every = main, other, every
+
+    def __len__(self):
+        return len(self.main)
+
+    def __getitem__(self, i):
+        return self.other[i] if i % self.every == 0 else self.main[i]
 
 
 def batches(dataset, num_samples: int, shuffle: bool, args, d: Dist, step: int, pad_id: int):
@@ -356,6 +373,8 @@ def save_final(out: Path, model: VLM, tokenizer_path: Path, args, init_info: dic
                   out / "projector.safetensors")
     training = init_info | {"stage": args.stage, "template": args.template, "steps": args.max_steps,
                             "global_batch": args.global_batch, "lr": args.lr}
+    if not args.data:  # eval.py --shapes then scores the same world
+        training["shapes_world"] = SHAPES_WORLD
     (out / "training.json").write_text(json.dumps(training, indent=2) + "\n")
 
 
@@ -381,8 +400,8 @@ def run_eval(model: VLM, tokenizer: Tokenizer, args, step: int) -> dict:
 
         records, _, _ = file_records(args.eval_data, args.image_folder)
     else:
-        records = shapes_records(args.eval_samples, model.cfg.vision.image_size,
-                                 shapes_world(args, model.cfg.vision.image_size))
+        world = shapes_world(args, model.cfg.vision.image_size)
+        records = shapes_records(min(args.eval_samples, world.test_size), world)
     result = evaluate_qa(model, tokenizer, records, template=args.template)
     return {"step": step, "eval_accuracy": result["accuracy"], "eval_correct": result["correct"],
             "eval_total": result["total"]}
@@ -414,7 +433,6 @@ def train(args) -> Path:
         args.projector_lr = 2e-5
     args.max_len = args.max_len or model.cfg.lm.max_seq_len
 
-    dataset, num_samples, shuffle = None, 0, False
     if args.max_steps is None and args.data is None:
         args.max_steps = int(MAIN_JOB[args.stage][MAIN_JOB[args.stage].index("--max-steps") + 1])
     dataset, num_samples, shuffle = build_dataset(args, tokenizer, model)
@@ -609,8 +627,8 @@ def main_job(argv: list[str]):
         return
     model = VLM.from_pretrained(finetune)
     tokenizer = Tokenizer(finetune / "tokenizer.model")
-    records = shapes_records(user.eval_samples, model.cfg.vision.image_size,
-                             shapes_world(user, model.cfg.vision.image_size))
+    records = shapes_records(user.eval_samples,
+                             checkpoint_world(finetune, model.cfg.vision.image_size, user.eval_samples))
     normal = evaluate_qa(model, tokenizer, records)
     blind = evaluate_qa(model, tokenizer, records, blind=True)
     write_predictions(normal, finetune / "predictions.jsonl")
@@ -649,6 +667,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--max-steps", type=int, help="optimizer steps (ShapesWorld default: the main job's)")
     g.add_argument("--batch-size", type=int, default=16, help="micro-batch per process")
     g.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
+    g.add_argument("--shapes-captions", type=float, default=0.0, help="ShapesWorld finetune: share of samples "
+                   "that are captions instead of questions (dense supervision of every object)")
     g.add_argument("--workers", type=int, default=0, help="DataLoader worker processes (0: load in the main one)")
     g = p.add_argument_group("optimisation")
     g.add_argument("--lr", type=float, help="peak lr (default: 1e-3 pretrain or from scratch; finetune 2e-5, "

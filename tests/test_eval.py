@@ -48,7 +48,7 @@ def test_normalize(answer, expected):
 
 def test_batched_left_padded_answers_equal_one_at_a_time_generate(checkpoint):
     model, tokenizer = vlm_eval.load_checkpoint(checkpoint, "cpu")
-    records = vlm_eval.shapes_records(6, 16)
+    records = vlm_eval.shapes_records(6, ShapesWorld(image_size=16))
     result = vlm_eval.evaluate_qa(model, tokenizer, records, batch_size=4, max_new_tokens=5)
     assert len({len(tokenize_prompt(tokenizer, build_prompt(r["conversations"][:1]), 0, 1)) for r in records}) > 1
     for record, prediction in zip(records, result["predictions"], strict=True):
@@ -66,7 +66,7 @@ def test_blind_replaces_images_with_zeros(checkpoint, monkeypatch):
     seen = []
     generate = model.generate
     monkeypatch.setattr(model, "generate", lambda ids, pixels, **kw: seen.append(pixels) or generate(ids, pixels, **kw))
-    records = vlm_eval.shapes_records(3, 16)
+    records = vlm_eval.shapes_records(3, ShapesWorld(image_size=16))
     vlm_eval.evaluate_qa(model, tokenizer, records, blind=True, max_new_tokens=2)
     vlm_eval.evaluate_qa(model, tokenizer, records, max_new_tokens=2)
     assert seen[0].shape == seen[1].shape == (3, 3, 16, 16)
@@ -120,3 +120,10 @@ def test_cli_errors_are_one_line_without_traceback(checkpoint, tmp_path, problem
     assert len(result.stderr.strip().splitlines()) == 1 and result.stderr.startswith("error: ")
     expected = {"missing checkpoint": "nowhere", "bad json": "invalid JSON at line 1", "bad tokenizer": "tokenizer"}
     assert expected[problem] in result.stderr
+
+
+def test_shapes_questions_come_from_the_world_the_checkpoint_was_trained_on(tmp_path):
+    assert vlm_eval.checkpoint_world(tmp_path, 32, 10) == ShapesWorld(image_size=32)
+    (tmp_path / "training.json").write_text(json.dumps({"shapes_world": {"image_size": 48, "jitter": 0.0}}))
+    world = vlm_eval.checkpoint_world(tmp_path, 48, 1500)
+    assert (world.jitter, world.image_size, world.test_size) == (0.0, 48, 1500)

@@ -200,6 +200,11 @@ def test_stage_defaults_for_trainable_parts(stage, scratch, lora, expected):
     assert train.choose_trainable(args, scratch) == ["lm", "vision"]
 
 
+def test_shapes_captions_interleaves_a_fixed_share_of_captions():
+    mix = train.Interleave(main=["q"] * 8, other=["c"] * 8, every=4)
+    assert [mix[i] for i in range(len(mix))] == ["c", "q", "q", "q", "c", "q", "q", "q"]
+
+
 def test_frozen_vision_tower_builds_no_graph(micro_dir):
     model = VLM.from_pretrained(micro_dir)
     train.set_trainable(model, ["projector", "lm"], train.parse_args(["--stage", "finetune"]))
@@ -267,4 +272,7 @@ def test_compile_on_cpu_matches_eager(micro_dir, tmp_path):
     common = FINETUNE + ["--init", micro_dir, "--max-steps", 2, "--batch-size", 4]
     run_train(*common, "--out", tmp_path / "eager")
     run_train(*common, "--out", tmp_path / "compiled", "--compile")
-    assert max_rel_diff(weights(tmp_path / "compiled"), weights(tmp_path / "eager")) < 1e-4
+    # Fused kernels round differently, and Adam's normalised steps amplify that in near-zero weights: 1e-4 is
+    # just too tight (measured 1.1e-4), while a broken compiled step would be off by the step size itself.
+    assert max_rel_diff(weights(tmp_path / "compiled"), weights(tmp_path / "eager")) < 1e-3
+    assert max_rel_diff(weights(tmp_path / "compiled"), weights(micro_dir)) > 1e-2
