@@ -267,7 +267,9 @@ def batches(dataset, num_samples: int, shuffle: bool, args, d: Dist, step: int, 
         epoch, start = divmod(step, steps_per_epoch)
         sampler = GlobalBatchSampler(num_samples, args.global_batch, args.seed, d.rank, d.world_size,
                                      args.batch_size, epoch, start, shuffle)
-        loader = DataLoader(dataset, batch_sampler=sampler, collate_fn=partial(collate, pad_id=pad_id),
+        pack_len = args.max_len if args.pack else None
+        loader = DataLoader(dataset, batch_sampler=sampler,
+                            collate_fn=partial(collate, pad_id=pad_id, pack_len=pack_len),
                             num_workers=args.workers, persistent_workers=False)
         micro = []
         for batch in loader:
@@ -554,9 +556,11 @@ def train_step(train_model, model: VLM, micro: list[dict], optimizer, scaler, au
                 loss = sum(p.sum() for p in model.parameters() if p.requires_grad) * 0.0
             else:
                 pixel_values = batch["pixel_values"]
+                segment_ids = batch["segment_ids"]
                 _, loss = train_model(batch["input_ids"].to(d.device),
                                       pixel_values.to(d.device) if pixel_values is not None else None,
-                                      batch["labels"].to(d.device), num_tokens=global_tokens / d.world_size)
+                                      batch["labels"].to(d.device), num_tokens=global_tokens / d.world_size,
+                                      segment_ids=segment_ids.to(d.device) if segment_ids is not None else None)
             scaler.scale(loss).backward()
         loss_sum += loss.item() / d.world_size
     loss = all_reduce_sum(loss_sum, d)
@@ -693,6 +697,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    default="bfloat16" if torch.cuda.is_available() else "float32",
                    help="autocast dtype; float16 adds a GradScaler")
     g.add_argument("--tf32", action=argparse.BooleanOptionalAction, default=True, help="TF32 matmuls on CUDA")
+    g.add_argument("--pack", action="store_true", help="pack several samples into each row of --max-len tokens "
+                   "(block-diagonal attention, positions restart per sample): less compute spent on padding")
     g.add_argument("--grad-checkpointing", action="store_true", help="recompute LM blocks in backward: less memory")
     g.add_argument("--fsdp", action="store_true", help="shard with FSDP2 instead of DDP (under torchrun)")
     g = p.add_argument_group("checkpoints, logging and eval")
