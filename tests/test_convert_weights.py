@@ -7,8 +7,20 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import (VOCAB, clip_vision_config, convert, image_prompt, llama_config, llava_model, load_hf,
-                      random_init, rel_err, save, siglip_vision_config, transformers)
+from conftest import (
+    VOCAB,
+    clip_vision_config,
+    convert,
+    image_prompt,
+    llama_config,
+    llava_model,
+    load_hf,
+    random_init,
+    rel_err,
+    save,
+    siglip_vision_config,
+    transformers,
+)
 from safetensors.torch import load_file, save_file
 
 from model import VLM
