@@ -65,18 +65,18 @@ class VLMConfig:
 def tiny_config(vocab_size: int = 512) -> VLMConfig:
     """A from-scratch model small enough to learn ShapesWorld on a laptop CPU in minutes.
 
-    8 px patches: 2 x 2 per cell of ShapesWorld's 48 px, 3 x 3 scene (16 px patches read shapes poorly). Pixels
-    are normalised around the background colour, the tower is just the patch embedding (no blocks, no pre-norm)
-    and the projector is linear: an empty patch then stays near zero and each object stands out. With CLIP's
-    normalisation, pre-norm or ViT blocks, every image token shares a large constant part, and in our tuning runs
-    the LM learned to ignore the image (blind-level accuracy); the LM's own layers do the seeing instead.
+    8 px patches of a 48 px scene, one SigLIP-style block (no class token, no pre-norm) and LLaVA's mlp2x_gelu
+    projector, so transformers' LLaVA can hold it (`convert_weights.py --to-hf`). Pixels are normalised around
+    ShapesWorld's background colour: an empty patch then stays near zero and each object stands out. With CLIP's
+    normalisation and pre-norm, every image token shared a large constant part, and in our tuning runs the LM
+    learned to ignore the image (blind-level accuracy).
     """
-    vision = ViTConfig(image_size=48, patch_size=8, width=192, depth=0, heads=4, mlp_dim=768, act="gelu",
-                       class_token=False, pre_norm=False, image_mean=(0.235, 0.235, 0.267),
+    vision = ViTConfig(image_size=48, patch_size=8, width=192, depth=1, heads=4, mlp_dim=384, act="gelu_tanh",
+                       class_token=False, patch_bias=True, pre_norm=False, image_mean=(0.235, 0.235, 0.267),
                        image_std=(0.25, 0.25, 0.25))
     lm = LlamaConfig(vocab_size=vocab_size + 1, dim=192, n_layers=4, n_heads=4, n_kv_heads=2, hidden_dim=512,
                      max_seq_len=256, tie_embeddings=True)
-    return VLMConfig(vision, lm, ProjectorConfig("linear"), image_token_id=vocab_size, feature_layer=-1,
+    return VLMConfig(vision, lm, ProjectorConfig("mlp2x_gelu"), image_token_id=vocab_size, feature_layer=-1,
                      drop_cls=False, template="vicuna_v1")
 
 

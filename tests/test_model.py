@@ -1,5 +1,6 @@
 """model.py: the full LLaVA forward, loss and generation against transformers, plus checkpoint I/O."""
 
+import dataclasses
 import json
 
 import pytest
@@ -7,10 +8,8 @@ import torch
 from conftest import IMAGE_SIZE, convert, image_prompt, load_hf, rel_err, transformers
 from safetensors.torch import load_file, save_file
 
-from llama import LlamaConfig
-from model import VLM, VLMConfig, preset
+from model import VLM, preset
 from projector import ProjectorConfig
-from vit import siglip_config
 
 
 @pytest.fixture(scope="module")
@@ -180,19 +179,11 @@ def test_to_hf_export_loads_in_transformers_with_equal_logits(tower, converted, 
     assert rel_err(ours(ids, images())[0], ref(input_ids=ids, pixel_values=images()).logits) < 1e-4
 
 
-def exportable_scratch_config():
-    """A from-scratch model in a shape transformers' LLaVA can hold: SigLIP-style tower, mlp2x_gelu, tied head."""
-    return VLMConfig(siglip_config(image_size=48, patch_size=8, width=64, depth=1, heads=4, mlp_dim=128),
-                     LlamaConfig(vocab_size=201, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=128,
-                                 tie_embeddings=True),
-                     ProjectorConfig("mlp2x_gelu"), image_token_id=200, feature_layer=-1, drop_cls=False)
-
-
 @torch.no_grad()
-def test_to_hf_export_of_a_from_scratch_model(tmp_path):
-    """Tied head, our own image size and feature layer: models trained here can be served by transformers."""
+def test_to_hf_export_of_the_tiny_from_scratch_model(tmp_path):
+    """Tied head, our own image size, a SigLIP-style tower: models trained here can be served by transformers."""
     torch.manual_seed(0)
-    model = VLM(exportable_scratch_config()).eval()
+    model = VLM(preset("tiny")).eval()
     model.save_pretrained(tmp_path / "ours")
     convert("--to-hf", tmp_path / "ours", "--out", tmp_path / "hf")
     ref = load_hf(transformers.LlavaForConditionalGeneration, tmp_path / "hf")
@@ -205,6 +196,7 @@ def test_to_hf_export_of_a_from_scratch_model(tmp_path):
 
 def test_to_hf_refuses_what_transformers_llava_cannot_hold(tmp_path):
     torch.manual_seed(0)
-    VLM(preset("tiny")).save_pretrained(tmp_path / "tiny")  # a linear projector over a block-free tower
+    cfg = dataclasses.replace(preset("tiny"), projector=ProjectorConfig("linear"))
+    VLM(cfg).save_pretrained(tmp_path / "linear")
     with pytest.raises(SystemExit, match="only the mlp2x_gelu projector"):
-        convert("--to-hf", tmp_path / "tiny", "--out", tmp_path / "hf")
+        convert("--to-hf", tmp_path / "linear", "--out", tmp_path / "hf")
