@@ -42,9 +42,9 @@ PARTS = ("vision", "projector", "lm")
 # The main job: tuned so that both stages and the evaluation finish in under 10 minutes on 2 CPU cores.
 # Each stage's flags are parsed like a command line; flags given to `python train.py` are appended, so they win.
 MAIN_JOB = {
-    "pretrain": ["--init", "tiny", "--max-steps", "400", "--batch-size", "32", "--lr", "2e-3", "--warmup-ratio",
+    "pretrain": ["--init", "tiny", "--max-steps", "900", "--batch-size", "32", "--lr", "2e-3", "--warmup-ratio",
                  "0.05"],
-    "finetune": ["--max-steps", "1400", "--batch-size", "32", "--lr", "1e-3", "--warmup-ratio", "0.05"],
+    "finetune": ["--max-steps", "1000", "--batch-size", "32", "--lr", "1e-3", "--warmup-ratio", "0.05"],
 }
 MAIN_JOB_EVAL = 1000  # held-out ShapesWorld questions scored at the end
 SHAPES_WORLD = dict(image_size=48)  # ShapesWorld as the main job draws it, at the tiny preset's image size
