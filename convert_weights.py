@@ -276,12 +276,15 @@ class Plan:
 
     def __init__(self, cfg: VLMConfig):
         self.cfg = cfg
+        with torch.device("meta"):
+            self.expected = VLM(cfg).state_dict()  # our key -> an empty tensor of the shape we need
         self.recipes: dict = {}  # our key -> callable(meta: bool) -> tensor
         self.used: set[str] = set()  # their keys consumed so far
 
-    def take(self, src: Source, mapping: dict, expected: set):
+    def take(self, src: Source, mapping: dict):
+        """Use `mapping` for the keys this model has (biases, CLS or post-norm only where the config has them)."""
         for ours, theirs in mapping.items():
-            if ours not in expected:
+            if ours not in self.expected:
                 continue
             self.used.update(theirs if isinstance(theirs, tuple) else [theirs])
             if isinstance(theirs, tuple):
@@ -302,8 +305,7 @@ class Plan:
                            f"{f' and {len(left) - 1} more' if len(left) > 1 else ''}")
 
     def write(self, out: Path, dtype=None, tokenizer: Path | None = None) -> str:
-        with torch.device("meta"):
-            expected = VLM(self.cfg).state_dict()
+        expected = self.expected
         skip = {"lm.head.weight"} if self.cfg.lm.tie_embeddings else set()
         wanted = {k for k in expected if k not in skip}
         missing, extra = sorted(wanted - self.recipes.keys()), sorted(self.recipes.keys() - wanted)
@@ -341,10 +343,10 @@ def _append_mean_row(t):
     return torch.cat([t, t.float().mean(0, keepdim=True).to(t.dtype)])
 
 
-def take_vision_tower(plan: Plan, src: Source, expected: set):
+def take_vision_tower(plan: Plan, src: Source):
     """A standalone tower dir: CLIPModel / SiglipModel (text side ignored) or a bare vision model."""
     prefix = vision_prefix(src, "")
-    plan.take(src, expand(VIT_MAP, "vision.", prefix, plan.cfg.vision.depth), expected)
+    plan.take(src, expand(VIT_MAP, "vision.", prefix, plan.cfg.vision.depth))
     plan.check_all_used(src, prefix, VISION_DROPPED)
 
 
@@ -364,14 +366,12 @@ def from_towers(vision_dir: Path, lm_dir: Path, projector: str, seed: int) -> Pl
     cfg = VLMConfig(vision_cfg, lm_cfg, ProjectorConfig(projector), image_token_id=vocab,
                     feature_layer=-2 if vision_cfg.class_token else -1, drop_cls=vision_cfg.class_token)
     plan = Plan(cfg)
-    with torch.device("meta"):
-        expected = set(VLM(cfg).state_dict())
     vsrc, lsrc = Source.from_dir(vision_dir), Source.from_dir(lm_dir)
-    take_vision_tower(plan, vsrc, expected)
+    take_vision_tower(plan, vsrc)
     body, head = lm_prefixes(lsrc, [("model.", "lm_head.weight"), ("", "lm_head.weight")])
-    plan.take(lsrc, expand(LLAMA_MAP, "lm.", body, lm_cfg.n_layers), expected)
+    plan.take(lsrc, expand(LLAMA_MAP, "lm.", body, lm_cfg.n_layers))
     if not lm_cfg.tie_embeddings:
-        plan.take(lsrc, {"lm.head.weight": head}, expected)
+        plan.take(lsrc, {"lm.head.weight": head})
     plan.check_all_used(lsrc, body, [r"^lm_head\.weight$"])  # a tied checkpoint may still store the head
     add_image_token_row(plan)
     fresh_projector(plan, lsrc.get(body + "embed_tokens.weight", meta=True).dtype, seed)
@@ -403,17 +403,15 @@ def from_llava_hf(llava_dir: Path, c: dict) -> Plan:
     if not c.get("multimodal_projector_bias", True):
         raise ValueError("multimodal_projector_bias=false is not supported")
     plan = Plan(cfg)
-    with torch.device("meta"):
-        expected = set(VLM(cfg).state_dict())
     src = Source.from_dir(llava_dir)
     body, head = lm_prefixes(src, [("language_model.model.", "language_model.lm_head.weight"),
                                    ("model.language_model.", "lm_head.weight")])
     outer = "" if body.startswith("language_model.") else "model."  # legacy keys have no outer "model."
-    plan.take(src, expand(VIT_MAP, "vision.", vision_prefix(src, outer + "vision_tower."), vision_cfg.depth), expected)
-    plan.take(src, expand(LLAMA_MAP, "lm.", body, lm_cfg.n_layers), expected)
+    plan.take(src, expand(VIT_MAP, "vision.", vision_prefix(src, outer + "vision_tower."), vision_cfg.depth))
+    plan.take(src, expand(LLAMA_MAP, "lm.", body, lm_cfg.n_layers))
     if not lm_cfg.tie_embeddings:
-        plan.take(src, {"lm.head.weight": head}, expected)
-    plan.take(src, expand(LLAVA_HF_PROJECTOR_MAP, "projector.", outer + "multi_modal_projector.", 0), expected)
+        plan.take(src, {"lm.head.weight": head})
+    plan.take(src, expand(LLAVA_HF_PROJECTOR_MAP, "projector.", outer + "multi_modal_projector.", 0))
     plan.check_all_used(src, "", VISION_DROPPED + (r"lm_head\.weight$",))
     return plan
 
@@ -433,20 +431,18 @@ def from_llava_original(llava_dir: Path, c: dict, vision_dir: Path | None) -> Pl
                     feature_layer=c.get("mm_vision_select_layer", -2),
                     drop_cls=c.get("mm_vision_select_feature", "patch") == "patch")
     plan = Plan(cfg)
-    with torch.device("meta"):
-        expected = set(VLM(cfg).state_dict())
     vsrc, lsrc = Source.from_dir(vision_dir), Source.from_dir(llava_dir, exclude=("mm_projector.bin",))
-    take_vision_tower(plan, vsrc, expected)
-    plan.take(lsrc, expand(LLAMA_MAP, "lm.", "model.", lm_cfg.n_layers), expected)
+    take_vision_tower(plan, vsrc)
+    plan.take(lsrc, expand(LLAMA_MAP, "lm.", "model.", lm_cfg.n_layers))
     if not lm_cfg.tie_embeddings:
-        plan.take(lsrc, {"lm.head.weight": "lm_head.weight"}, expected)
+        plan.take(lsrc, {"lm.head.weight": "lm_head.weight"})
     add_image_token_row(plan)
     proj_src = lsrc
     if "model.mm_projector.0.weight" not in lsrc.keys() and "model.mm_projector.weight" not in lsrc.keys():
         if not (llava_dir / "mm_projector.bin").is_file():
             raise FileNotFoundError(f"{llava_dir}: no mm_projector weights in the checkpoint and no mm_projector.bin")
         proj_src = Source([llava_dir / "mm_projector.bin"])
-    plan.take(proj_src, expand(LLAVA_ORIG_PROJECTOR_MAP[kind], "projector.", "model.", 0), expected)
+    plan.take(proj_src, expand(LLAVA_ORIG_PROJECTOR_MAP[kind], "projector.", "model.", 0))
     # a finetuned LLaVA may carry its (frozen) tower too; we take the one given by --vision
     plan.check_all_used(lsrc, "", [r"^model\.vision_tower\.", r"^lm_head\.weight$"])
     return plan
@@ -463,7 +459,7 @@ def to_hf(ckpt: Path, out: Path) -> str:
         raise ValueError(f"transformers' LLaVA has only the mlp2x_gelu projector; this one is {cfg.projector.kind!r}")
     v, lm = cfg.vision, cfg.lm
     siglip = not v.class_token
-    act = {"quick_gelu": "quick_gelu", "gelu_tanh": "gelu_pytorch_tanh", "gelu": "gelu"}[v.act]
+    act = {ours: theirs for theirs, ours in HF_ACT.items()}[v.act]
     vision_config = dict(model_type="siglip_vision_model" if siglip else "clip_vision_model", hidden_size=v.width,
                          intermediate_size=v.mlp_dim, num_hidden_layers=v.depth, num_attention_heads=v.heads,
                          image_size=v.image_size, patch_size=v.patch_size, hidden_act=act, layer_norm_eps=v.norm_eps)

@@ -47,10 +47,6 @@ class ViTConfig:
         return self.grid**2
 
 
-def clip_config(**kw) -> ViTConfig:
-    return ViTConfig(**kw)
-
-
 def siglip_config(**kw) -> ViTConfig:
     siglip = dict(act="gelu_tanh", norm_eps=1e-6, class_token=False, patch_bias=True, pre_norm=False,
                   post_norm=True, image_mean=(0.5, 0.5, 0.5), image_std=(0.5, 0.5, 0.5))
