@@ -12,8 +12,14 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-# SDPA learned to broadcast K/V heads itself (no copies) in torch 2.5.
+# SDPA learned to broadcast K/V heads itself (no copies) in torch 2.5, the release that added FlexAttention.
 SDPA_HAS_GQA = tuple(int(v) for v in torch.__version__.split(".")[:2]) >= (2, 5)
+if SDPA_HAS_GQA:
+    from torch.nn.attention.flex_attention import BlockMask, flex_attention
+
+    flex_attention_compiled = torch.compile(flex_attention)  # eager flex is a slow reference; compiled, a kernel
+else:
+    BlockMask = type(None)  # masks are then plain tensors only
 
 
 @dataclass
@@ -120,7 +126,8 @@ class Attention(nn.Module):
         self.cache: KVCache | None = None
 
     def forward(self, x, cos, sin, mask=None, slots=None, need_weights=False):
-        """x (B, T, C); mask (B, 1, T, S) bool, True = may attend, or None for plain causal.
+        """x (B, T, C); mask (B, 1, T, S) bool, True = may attend, or None for plain causal, or a FlexAttention
+        BlockMask (packed training on CUDA).
 
         With a cache, k/v are written at `slots` and attention reads the whole cache.
         """
@@ -133,7 +140,9 @@ class Attention(nn.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if self.cache is not None:
             k, v = self.cache.update(slots, k, v)  # (B, nkv, S, hs)
-        if need_weights or not SDPA_HAS_GQA:
+        if isinstance(mask, BlockMask):
+            y, att = self.attend_flex(q, k, v, mask), None
+        elif need_weights or not SDPA_HAS_GQA:
             y, att = self.attend_plain(q, k, v, mask)
         else:
             y, att = self.attend_fast(q, k, v, mask), None
@@ -145,6 +154,11 @@ class Attention(nn.Module):
         return F.scaled_dot_product_attention(
             q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=self.n_heads != self.n_kv_heads
         )
+
+    def attend_flex(self, q, k, v, block_mask):
+        """FlexAttention: the kernel skips every tile the BlockMask marks empty, so a row packed with several
+        samples costs their own block-diagonal attention, not the whole T x T square an explicit mask costs."""
+        return flex_attention_compiled(q, k, v, block_mask=block_mask, enable_gqa=self.n_heads != self.n_kv_heads)
 
     def attend_plain(self, q, k, v, mask):
         """The same maths written out, returning the attention weights (B, nh, T, S) for inspection.

@@ -17,10 +17,13 @@ import torch.nn.functional as F
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from llama import Llama, LlamaConfig, rope_frequencies
+from llama import SDPA_HAS_GQA, Llama, LlamaConfig, rope_frequencies
 from lora import LoRALinear
 from projector import Projector, ProjectorConfig
 from vit import VisionTransformer, ViTConfig, siglip_config
+
+if SDPA_HAS_GQA:  # torch >= 2.5
+    from torch.nn.attention.flex_attention import create_block_mask
 
 IGNORE = -100  # label of positions that carry no loss (prompt, image, padding)
 
@@ -130,14 +133,20 @@ def attention_mask_for(valid, slots):
     return (mask | (key[None, :] == slots[:, None]))[:, None]  # (B, 1, T, S)
 
 
-def packed_positions_and_mask(segment_ids):
+def packed_positions_and_mask(segment_ids, flex=False):
     """segment_ids (B, T) -> positions (B, T) restarting at each new segment, and a block-diagonal causal
-    mask (B, 1, T, T), so packed samples never attend to each other."""
+    mask, so packed samples never attend to each other: (B, 1, T, T) bool, or with flex=True the same rule as
+    a FlexAttention BlockMask, whose kernel skips the tiles between samples instead of computing them."""
     B, T = segment_ids.shape
     index = torch.arange(T, device=segment_ids.device).expand(B, T)
     starts = torch.ones_like(segment_ids, dtype=torch.bool)
     starts[:, 1:] = segment_ids[:, 1:] != segment_ids[:, :-1]
     segment_start = torch.where(starts, index, 0).cummax(dim=1).values  # (B, T) index where each segment began
+    if flex:
+        def same_sample_causal(b, h, q, k):
+            return (segment_ids[b, q] == segment_ids[b, k]) & (k <= q)
+
+        return index - segment_start, create_block_mask(same_sample_causal, B, None, T, T, device=segment_ids.device)
     same = segment_ids[:, :, None] == segment_ids[:, None, :]  # (B, T, T)
     causal = torch.ones(T, T, dtype=torch.bool, device=segment_ids.device).tril()
     return index - segment_start, (same & causal)[:, None]
@@ -188,6 +197,7 @@ class VLM(nn.Module):
         self.vision = VisionTransformer(cfg.vision)
         self.projector = Projector(cfg.projector, cfg.vision.width, cfg.lm.dim)
         self.lm = Llama(cfg.lm)
+        self.flex_packing = None  # packed rows: FlexAttention if True, an explicit mask if False; None = on CUDA
 
     def encode_images(self, pixel_values):
         """(N, 3, H, W) -> (N, num_image_tokens, C_lm)"""
@@ -229,7 +239,8 @@ class VLM(nn.Module):
         """
         x = self.embed(input_ids, pixel_values)
         if segment_ids is not None:
-            h = self.lm(x, *packed_positions_and_mask(segment_ids))
+            flex = self.flex_packing if self.flex_packing is not None else x.is_cuda and SDPA_HAS_GQA
+            h = self.lm(x, *packed_positions_and_mask(segment_ids, flex))
         elif attention_mask is not None:  # left padding: real tokens count positions from 0, padding is never seen
             positions = (attention_mask.long().cumsum(1) - 1).clamp(min=0)
             slots = torch.arange(input_ids.size(1), device=x.device)
