@@ -344,7 +344,9 @@ class ShapesWorld:
     texture: float = 4.0  # std of the background's pixel noise (0..255 scale); 0 = plain
     seed: int = 0
     test_size: int = 1000
+    train_size: int = 0  # 0: an unlimited train stream; N: train scenes 0..N-1 repeat (a finite dataset)
     categories: tuple[str, ...] = CATEGORIES  # the question types to ask
+    questions: int = 1  # question turns per train conversation; the test split asks one, so scores stay single-turn
 
     def __post_init__(self):
         self.colors, self.shapes, self.categories = tuple(self.colors), tuple(self.shapes), tuple(self.categories)
@@ -353,6 +355,12 @@ class ShapesWorld:
             unknown = [g for g in given if g not in known]
             if unknown or not given:
                 raise ValueError(f"unknown {name} {unknown or given}; choose from {', '.join(map(str, known))}")
+        if set(self.categories) <= {"color", "shape"}:
+            raise ValueError(f"categories {self.categories} need count, position or exists too: a scene whose "
+                             "shapes and colours all repeat allows no colour or shape question")
+        if self.questions < 1 or self.train_size < 0:
+            raise ValueError(f"questions must be at least 1 and train_size at least 0, got {self.questions} and "
+                             f"{self.train_size}")
         if not 1 <= self.max_objects <= min(self.grid**2, len(self.colors) * len(self.shapes)):
             raise ValueError(f"max_objects {self.max_objects} does not fit a {self.grid}x{self.grid} grid with "
                              f"{len(self.colors)} colours x {len(self.shapes)} shapes")
@@ -363,6 +371,8 @@ class ShapesWorld:
             raise ValueError(f"unknown split {split!r}; choose train or test")
         if split == "test" and not 0 <= index < self.test_size:
             raise IndexError(f"test scene {index} is outside the test split (test_size {self.test_size})")
+        if split == "train" and self.train_size:
+            index %= self.train_size
         return random.Random(f"shapes/{self.seed}/{split}/{index}/{purpose}")
 
     def scene(self, index: int, split="train") -> list[SceneObject]:
@@ -432,14 +442,26 @@ class ShapesWorld:
         return "Is there a {} {}?".format(*rng.choice(absent)), "no", category
 
     def conversation(self, objects: list[SceneObject], index: int, task="qa", split="train") -> tuple[list, str]:
-        """(LLaVA conversations, category) about scene `index`, whose objects are given."""
+        """(LLaVA conversations, category) about scene `index`, whose objects are given. A train conversation
+        asks `questions` distinct questions in turn, as LLaVA-Instruct does: several answers per image give the
+        language model more supervised tokens for the same image work. The category is the last question's."""
         if task == "caption":
-            question, answer, category = "Describe the image.", self.caption(objects), "caption"
+            turns = [("Describe the image.", self.caption(objects), "caption")]
         elif task == "qa":
-            question, answer, category = self.question(objects, self.rng(split, index, "question"))
+            rng, turns = self.rng(split, index, "question"), []
+            for _ in range(self.questions if split == "train" else 1):
+                for _ in range(10):  # a scene with one object allows few distinct questions: then stop early
+                    turn = self.question(objects, rng)
+                    if all(turn[0] != t[0] for t in turns):
+                        turns.append(turn)
+                        break
         else:
             raise ValueError(f"unknown task {task!r}; choose caption or qa")
-        return [{"from": "human", "value": f"{IMAGE}\n{question}"}, {"from": "gpt", "value": answer}], category
+        conversations = []
+        for k, (question, answer, _) in enumerate(turns):
+            conversations += [{"from": "human", "value": f"{IMAGE}\n{question}" if k == 0 else question},
+                              {"from": "gpt", "value": answer}]
+        return conversations, turns[-1][2]
 
     def record(self, index: int, task="qa", split="train") -> dict:
         """A LLaVA record with the image in memory: {"id", "image": PIL.Image, "conversations", "category"}."""

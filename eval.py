@@ -52,6 +52,14 @@ def shapes_records(n: int, world: ShapesWorld) -> list[dict]:
     return records
 
 
+def shapes_scores(ckpt_dir, n: int) -> tuple[dict, dict]:
+    """(normal, blind) results on n held-out ShapesWorld questions, with each image, then with zeros instead:
+    the test of the main job and of experiments.py. A model that looks at the image loses accuracy blind."""
+    model, tokenizer = VLM.from_pretrained(ckpt_dir), Tokenizer(Path(ckpt_dir) / "tokenizer.model")
+    records = shapes_records(n, checkpoint_world(ckpt_dir, model.cfg.vision.image_size, n))
+    return evaluate_qa(model, tokenizer, records), evaluate_qa(model, tokenizer, records, blind=True)
+
+
 def file_records(path, image_folder) -> tuple[list[dict], dict[int, str], int]:
     """LLaVA-format records with their images loaded; bad ones are skipped. -> (records, skipped, total)"""
     raw = read_records(path)

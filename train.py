@@ -32,9 +32,9 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from data import DataError, GlobalBatchSampler, LlavaDataset, ShapesDataset, ShapesWorld, collate, skip_report
-from eval import category_table, checkpoint_world, evaluate_qa, shapes_records, write_predictions
+from eval import category_table, evaluate_qa, shapes_records, shapes_scores, write_predictions
 from lora import apply_lora, lora_state_dict, merge_lora
-from model import PRESETS, VLM, preset, tiny_config
+from model import PRESETS, VLM, VLMConfig, preset, tiny_config
 from tokenizer import Tokenizer, train_tokenizer
 
 PARTS = ("vision", "projector", "lm")
@@ -106,7 +106,56 @@ def stage_texts(args, n_shapes=2000) -> list[str]:
 
 
 def shapes_world(args, image_size=None) -> ShapesWorld:
-    return ShapesWorld(**(SHAPES_WORLD | ({"image_size": image_size} if image_size else {})))
+    try:
+        return ShapesWorld(**(world_settings(args) | ({"image_size": image_size} if image_size else {})))
+    except ValueError as err:  # a bad --set world.KEY
+        raise SystemExit(f"error: ShapesWorld: {err}") from None
+
+
+def world_settings(args) -> dict:
+    """ShapesWorld's fields as this run draws it: the main job's, then the user's --set world.KEY=VALUE."""
+    return SHAPES_WORLD | args.world_sets
+
+
+def parse_sets(items: list[str]) -> tuple[dict, dict]:
+    """--set KEY=VALUE items -> (model fields, ShapesWorld fields). Values are JSON where they parse (16, 0.5,
+    [1, 2]), else strings (linear); a JSON list becomes a tuple, as the configs hold them."""
+    model, world = {}, {}
+    known = {f.name for f in dataclasses.fields(ShapesWorld)}
+    for item in items:
+        key, sep, text = item.partition("=")
+        if not sep:
+            raise SystemExit(f"error: --set {item!r}: expected KEY=VALUE")
+        try:
+            value = json.loads(text)
+        except json.JSONDecodeError:
+            value = text
+        value = tuple(value) if isinstance(value, list) else value
+        if key.startswith("world."):
+            if key[6:] not in known:
+                raise SystemExit(f"error: --set {key}: ShapesWorld has no field {key[6:]!r}")
+            world[key[6:]] = value
+        else:
+            model[key] = value
+    return model, world
+
+
+def override(cfg, key: str, value):
+    """cfg with the field at the dotted path `key` replaced: "vision.patch_size" is cfg.vision.patch_size."""
+    head, _, rest = key.partition(".")
+    if not dataclasses.is_dataclass(cfg) or head not in {f.name for f in dataclasses.fields(cfg)}:
+        raise SystemExit(f"error: --set {key}: {type(cfg).__name__} has no field {head!r}")
+    return dataclasses.replace(cfg, **{head: override(getattr(cfg, head), rest, value) if rest else value})
+
+
+def configure(cfg: VLMConfig, sets: dict) -> VLMConfig:
+    """cfg with every --set model field applied; a value the config rejects is a one-line error."""
+    for key, value in sets.items():
+        try:
+            cfg = override(cfg, key, value)
+        except (ValueError, TypeError) as err:
+            raise SystemExit(f"error: --set {key}={value}: {err}") from None
+    return cfg
 
 
 def init_model(args, out: Path, d: Dist) -> tuple[VLM, Path, dict]:
@@ -122,7 +171,7 @@ def init_model(args, out: Path, d: Dist) -> tuple[VLM, Path, dict]:
                                  f"id {cfg.image_token_id} for images")
         barrier(d)
         vocab = Tokenizer(tokenizer_path).vocab_size
-        cfg = tiny_config(vocab) if args.init == "tiny" else preset(args.init)
+        cfg = configure(tiny_config(vocab) if args.init == "tiny" else preset(args.init), args.model_sets)
         torch.manual_seed(args.seed)  # the initial weights are a function of the seed: resume rebuilds them
         model = VLM(cfg)
         return model, tokenizer_path, {"init": args.init, "from_scratch": True}
@@ -131,6 +180,9 @@ def init_model(args, out: Path, d: Dist) -> tuple[VLM, Path, dict]:
         model = VLM.from_pretrained(init)
     except (FileNotFoundError, ValueError, KeyError) as err:
         raise SystemExit(f"error: --init {args.init}: {err}") from None
+    if configure(model.cfg, args.model_sets) != model.cfg:  # the main job's finetune repeats pretrain's --set
+        raise SystemExit(f"error: --set {' '.join(args.model_sets)}: a checkpoint's model keeps its config; "
+                         "model fields can only be set with a preset --init")
     tokenizer_path = init / "tokenizer.model"
     if not tokenizer_path.is_file():
         raise SystemExit(f"error: {tokenizer_path}: not found; a checkpoint used for training needs its tokenizer")
@@ -376,7 +428,7 @@ def save_final(out: Path, model: VLM, tokenizer_path: Path, args, init_info: dic
     training = init_info | {"stage": args.stage, "template": args.template, "steps": args.max_steps,
                             "global_batch": args.global_batch, "lr": args.lr}
     if not args.data:  # eval.py --shapes then scores the same world
-        training["shapes_world"] = SHAPES_WORLD
+        training["shapes_world"] = world_settings(args)
     (out / "training.json").write_text(json.dumps(training, indent=2) + "\n")
 
 
@@ -629,12 +681,7 @@ def main_job(argv: list[str]):
                                 + ["--out", str(out / "finetune")]))
     if int(os.environ.get("RANK", 0)) != 0:
         return
-    model = VLM.from_pretrained(finetune)
-    tokenizer = Tokenizer(finetune / "tokenizer.model")
-    records = shapes_records(user.eval_samples,
-                             checkpoint_world(finetune, model.cfg.vision.image_size, user.eval_samples))
-    normal = evaluate_qa(model, tokenizer, records)
-    blind = evaluate_qa(model, tokenizer, records, blind=True)
+    normal, blind = shapes_scores(finetune, user.eval_samples)
     write_predictions(normal, finetune / "predictions.jsonl")
     write_predictions(blind, finetune / "predictions_blind.jsonl")
     print(f"main job: {(time.time() - t0) / 60:.1f} min; predictions in {finetune}/predictions*.jsonl")
@@ -666,6 +713,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--template", choices=("plain", "vicuna_v1"), help="default: plain for pretrain, vicuna_v1 "
                    "for finetune")
     p.add_argument("--max-len", type=int, help="longest sample in tokens (default: the LM's max_seq_len)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="repeatable. With a preset --init, change a model field: vision.patch_size=16, "
+                   "projector.kind=linear, lm.n_layers=2. world.KEY changes ShapesWorld: world.train_size=2000 "
+                   "(experiments.py sweeps these)")
     g = p.add_argument_group("length and batch")
     g.add_argument("--epochs", type=int, default=1, help="passes over --data (ignored with --max-steps)")
     g.add_argument("--max-steps", type=int, help="optimizer steps (ShapesWorld default: the main job's)")
@@ -710,6 +761,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--eval-data", help="QA records for --eval-every (default: ShapesWorld's held-out split)")
     g.add_argument("--eval-samples", type=int, default=MAIN_JOB_EVAL, help="ShapesWorld held-out questions scored")
     args = p.parse_args(argv)
+    args.model_sets, args.world_sets = parse_sets(args.set)
+    configure(tiny_config(), args.model_sets)  # unknown fields fail now, not after the tokenizer is trained
     if args.stage == "finetune" and args.init is None:
         args.init = "out/pretrain" if Path("out/pretrain/config.json").is_file() else "tiny"
     args.init = args.init or "tiny"

@@ -308,6 +308,26 @@ def test_shapes_world_is_deterministic_by_seed_split_and_index():
         a.record(1000, split="test")
 
 
+def test_shapes_world_multi_turn_questions_and_finite_train_split():
+    single, multi = ShapesWorld(), ShapesWorld(questions=3)
+    for i in range(50):
+        turns = multi.record(i)["conversations"]
+        objects = multi.scene(i)
+        questions = [t["value"].removeprefix("<image>\n") for t in turns[::2]]
+        assert turns[0]["value"].startswith("<image>\n") and all("<image>" not in q for q in questions[1:])
+        assert len(set(questions)) == len(questions) <= 3 and (len(objects) == 1 or len(questions) == 3)
+        assert all(a["value"] == answer_from_scene(q, objects, multi.grid)
+                   for q, a in zip(questions, turns[1::2], strict=True))
+        assert turns[:2] == single.record(i)["conversations"]  # the first turn is the single-question record
+        assert multi.record(i, split="test")["conversations"] == single.record(i, split="test")["conversations"]
+    finite = ShapesWorld(train_size=7)
+    assert finite.record(9)["image"].tobytes() == finite.record(2)["image"].tobytes()
+    assert finite.record(9)["conversations"] == finite.record(2)["conversations"]
+    assert finite.record(9, split="test")["image"].tobytes() == single.record(9, split="test")["image"].tobytes()
+    with pytest.raises(ValueError, match="questions must be at least 1"):
+        ShapesWorld(questions=0)
+
+
 def answer_from_scene(question, objects, grid):
     """Re-derive a question's answer from the scene description alone."""
     if m := re.fullmatch(r"What color is the (\w+)\?", question):
@@ -355,6 +375,8 @@ def test_shapes_world_defaults_and_validation():
     world = ShapesWorld()
     assert len(world.colors) >= 6 and len(world.shapes) >= 4 and 32 <= world.image_size <= 64
     assert world.record(0)["image"].size == (world.image_size, world.image_size)
+    with pytest.raises(ValueError, match="need count, position or exists too"):
+        ShapesWorld(categories=("shape",))
     with pytest.raises(ValueError, match=r"unknown colour \['mauve'\]"):
         ShapesWorld(colors=("red", "mauve"))
     with pytest.raises(ValueError, match="max_objects 5 does not fit a 2x2 grid"):
