@@ -155,6 +155,7 @@ class Attention(nn.Module):
             q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=self.n_heads != self.n_kv_heads
         )
 
+    @torch.compiler.disable  # traced inside a compiled model, it gave a different loss (torch 2.13, CPU)
     def attend_flex(self, q, k, v, block_mask):
         """FlexAttention: the kernel skips every tile the BlockMask marks empty, so a row packed with several
         samples costs their own block-diagonal attention, not the whole T x T square an explicit mask costs."""

@@ -143,13 +143,21 @@ def packed_positions_and_mask(segment_ids, flex=False):
     starts[:, 1:] = segment_ids[:, 1:] != segment_ids[:, :-1]
     segment_start = torch.where(starts, index, 0).cummax(dim=1).values  # (B, T) index where each segment began
     if flex:
-        def same_sample_causal(b, h, q, k):
-            return (segment_ids[b, q] == segment_ids[b, k]) & (k <= q)
-
-        return index - segment_start, create_block_mask(same_sample_causal, B, None, T, T, device=segment_ids.device)
+        return index - segment_start, packed_block_mask(segment_ids)
     same = segment_ids[:, :, None] == segment_ids[:, None, :]  # (B, T, T)
     causal = torch.ones(T, T, dtype=torch.bool, device=segment_ids.device).tril()
     return index - segment_start, (same & causal)[:, None]
+
+
+@torch.compiler.disable  # FlexAttention's advice: build the BlockMask outside the compiled graph
+def packed_block_mask(segment_ids):
+    """The block-diagonal causal rule as a FlexAttention BlockMask over (B, T) segment ids."""
+    B, T = segment_ids.shape
+
+    def same_sample_causal(b, h, q, k):
+        return (segment_ids[b, q] == segment_ids[b, k]) & (k <= q)
+
+    return create_block_mask(same_sample_causal, B, None, T, T, device=segment_ids.device)
 
 
 def sample(logits, temperature=0.0, top_k=None, top_p=1.0, generator=None):
