@@ -1,0 +1,29 @@
+"""experiments.py: each sweep runs end to end in smoke mode and writes its table, data and chart."""
+
+import json
+
+import pytest
+from PIL import Image
+
+import experiments
+
+
+@pytest.mark.parametrize("sweep", list(experiments.SWEEPS))
+def test_smoke_run_writes_table_json_and_chart(sweep, tmp_path):
+    experiments.main([sweep, "--smoke", "--out", str(tmp_path / "docs"), "--work", str(tmp_path / "runs")])
+    rows = json.loads((tmp_path / "docs" / f"{sweep}.json").read_text())
+    assert list(rows) == list(experiments.SWEEPS[sweep])
+    for row in rows.values():
+        assert 0 <= row["blind"] <= 1 and 0 <= row["heldout"] <= 1 and row["train_minutes"] > 0
+    table = (tmp_path / "docs" / f"{sweep}.md").read_text()
+    assert f"python experiments.py {sweep} --smoke" in table
+    assert all(f"| {name} |" in table for name in rows)
+    assert Image.open(tmp_path / "docs" / f"{sweep}.png").size == (640, 360)
+    if sweep == "projector":  # pixel shuffle merges 2 x 2 patches: 4x fewer image tokens
+        assert rows["pixel_shuffle"]["image_tokens"] * 4 == rows["linear"]["image_tokens"]
+
+
+def test_budget_scales_the_main_job_schedule():
+    steps = experiments.stage_steps(experiments.MAIN_JOB_MINUTES * 3, runs=3)  # one main job's time per run
+    assert steps == {stage: int(args[args.index("--max-steps") + 1]) for stage, args in
+                     experiments.train.MAIN_JOB.items()}
