@@ -762,7 +762,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--eval-samples", type=int, default=MAIN_JOB_EVAL, help="ShapesWorld held-out questions scored")
     args = p.parse_args(argv)
     args.model_sets, args.world_sets = parse_sets(args.set)
-    configure(tiny_config(), args.model_sets)  # unknown fields fail now, not after the tokenizer is trained
+    for key, value in args.model_sets.items():  # unknown fields fail now, not after the tokenizer is trained
+        with contextlib.suppress(ValueError, TypeError):  # values are checked against the chosen preset later
+            override(tiny_config(), key, value)
     if args.stage == "finetune" and args.init is None:
         args.init = "out/pretrain" if Path("out/pretrain/config.json").is_file() else "tiny"
     args.init = args.init or "tiny"

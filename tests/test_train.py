@@ -251,10 +251,12 @@ def test_set_overrides_preset_fields_and_shapes_world(tmp_path):
     with pytest.raises(SystemExit, match="a checkpoint's model keeps its config"):
         run_train(*common, "--out", tmp_path / "ft2", "--set", "vision.patch_size=8")
     for bad, message in [("visoin.patch_size=8", "VLMConfig has no field 'visoin'"), ("lm.dim", "expected KEY=VALUE"),
-                         ("world.colour=red", "ShapesWorld has no field 'colour'"),
-                         ("projector.kind=conv", "unknown projector 'conv'")]:
-        with pytest.raises(SystemExit, match=message):
+                         ("world.colour=red", "ShapesWorld has no field 'colour'")]:
+        with pytest.raises(SystemExit, match=message):  # names fail at parse time
             train.parse_args(["--set", bad])
+    with pytest.raises(SystemExit, match="unknown projector 'conv'"):  # values fail against the chosen preset
+        run_train("--stage", "pretrain", "--init", "tiny", "--max-steps", 1, "--out", tmp_path / "bad",
+                  "--set", "projector.kind=conv")
 
 
 # ----------------------------------------------------------------------------- end to end
