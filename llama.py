@@ -19,7 +19,9 @@ if SDPA_HAS_GQA:
 
     flex_attention_compiled = torch.compile(flex_attention)  # eager flex is a slow reference; compiled, a kernel
 else:
-    BlockMask = type(None)  # masks are then plain tensors only
+
+    class BlockMask:  # torch < 2.5 has no FlexAttention: no mask is ever one of these
+        pass
 
 
 @dataclass
