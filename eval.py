@@ -23,6 +23,7 @@ NUMBERS = {w: str(i) for i, w in enumerate(
     "zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen sixteen "
     "seventeen eighteen nineteen twenty".split())}
 PUNCTUATION = str.maketrans({c: " " for c in string.punctuation})
+BINDING = ("color", "shape", "position")  # ShapesWorld question types that ask about one object of several
 
 
 def normalize(answer: str) -> str:
@@ -42,13 +43,21 @@ def checkpoint_world(ckpt_dir, image_size: int, n: int) -> ShapesWorld:
 
 
 def shapes_records(n: int, world: ShapesWorld) -> list[dict]:
-    """n held-out ShapesWorld questions as eval records: {"id", "images", "conversations", "category"}."""
+    """n held-out ShapesWorld questions as eval records: {"id", "images", "conversations", "category", "others"}.
+
+    "others" are the answers the same question would have about the scene's other objects ("What color is the
+    circle?" -> the colours of the non-circles). A wrong answer among them is a binding error: the model saw the
+    attribute but took it from the wrong object. A wrong answer outside them is a perception error.
+    """
     if n > world.test_size:
         raise ValueError(f"--shapes {n} is more than the {world.test_size} scenes of the held-out split")
     records = []
     for i in range(n):
         record = world.record(i, "qa", "test")
-        records.append(record | {"images": [record.pop("image")]})
+        answer, field = record["conversations"][-1]["value"], record["category"]
+        scene = world.scene(i, "test") if field in BINDING else []
+        others = sorted({getattr(o, field) for o in scene} - {answer})
+        records.append(record | {"images": [record.pop("image")], "others": others})
     return records
 
 
@@ -127,9 +136,12 @@ def evaluate_qa(model: VLM, tokenizer: Tokenizer, records: list[dict], batch_siz
             if tokenizer.eos_id in tokens:
                 tokens = tokens[:tokens.index(tokenizer.eos_id)]
             answer = tokenizer.decode(tokens).strip()
-            predictions.append({"id": record["id"], "category": record.get("category", "all"), "question": question,
-                                "reference": reference, "prediction": answer,
-                                "correct": normalize(answer) == normalize(reference)})
+            prediction = {"id": record["id"], "category": record.get("category", "all"), "question": question,
+                          "reference": reference, "prediction": answer,
+                          "correct": normalize(answer) == normalize(reference)}
+            if "others" in record:  # ShapesWorld: did a wrong answer describe another object?
+                prediction["binding_error"] = normalize(answer) in {normalize(o) for o in record["others"]}
+            predictions.append(prediction)
     model.train(was_training)
     by_category = {}
     for p in predictions:
@@ -141,12 +153,20 @@ def evaluate_qa(model: VLM, tokenizer: Tokenizer, records: list[dict], batch_siz
 
 
 def category_table(result: dict) -> str:
-    """A small aligned table: category, accuracy, correct/total."""
-    rows = [(name, c / t, f"{c}/{t}") for name, (c, t) in result["by_category"].items()]
-    width = max([len("category")] + [len(r[0]) for r in rows])
-    lines = [f"{'category':<{width}}  accuracy  correct"]
-    lines += [f"{name:<{width}}  {acc:8.3f}  {frac}" for name, acc, frac in rows]
-    return "\n".join(lines)
+    """A small aligned table: category, accuracy, correct/total; on ShapesWorld also how many of the wrong
+    answers are binding errors (another object's colour, shape or position), where the category has them."""
+    binding = any("binding_error" in p for p in result["predictions"])
+    rows = []
+    for name, (c, t) in result["by_category"].items():
+        row = [name, f"{c / t:8.3f}", f"{c}/{t}"]
+        if binding:
+            wrong = [p for p in result["predictions"] if p["category"] == name and not p["correct"]]
+            row.append(f"{sum(p['binding_error'] for p in wrong)}/{len(wrong)}" if name in BINDING else "-")
+        rows.append(row)
+    header = ["category", "accuracy", "correct"] + ["binding errors/wrong"] * binding
+    widths = [max(len(r[k]) for r in rows + [header]) for k in range(len(header))]
+    return "\n".join("  ".join(f"{cell:<{w}}" if k == 0 else f"{cell:>{w}}" for k, (cell, w) in
+                               enumerate(zip(row, widths, strict=True))).rstrip() for row in [header] + rows)
 
 
 def accuracy_line(result: dict, label="accuracy") -> str:

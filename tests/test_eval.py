@@ -73,6 +73,35 @@ def test_blind_replaces_images_with_zeros(checkpoint, monkeypatch):
     assert not seen[0].any() and seen[1].any()
 
 
+def test_binding_errors_are_wrong_answers_that_describe_another_object(checkpoint, monkeypatch):
+    world = ShapesWorld(image_size=16)
+    records = vlm_eval.shapes_records(80, world)
+    for i, record in enumerate(records):  # others, derived again from the question and the scene
+        question, answer = record["conversations"][0]["value"].split("\n")[1], record["conversations"][1]["value"]
+        scene = world.scene(i, "test")
+        template = {"color": "What color is the {o.shape}?", "shape": "What shape is the {o.color} object?",
+                    "position": "Where is the {o.color} {o.shape}?"}.get(record["category"])
+        if template is None:
+            assert record["others"] == []
+            continue
+        [target] = [o for o in scene if question == template.format(o=o)]
+        field = record["category"]
+        assert getattr(target, field) == answer
+        assert record["others"] == sorted({getattr(o, field) for o in scene if o is not target} - {answer})
+    picked = [r for r in records if r["others"]][:3]
+    assert len(picked) == 3
+    replies = [picked[0]["others"][0], picked[1]["conversations"][1]["value"], "zebra"]  # binding, right, other
+    model, tokenizer = vlm_eval.load_checkpoint(checkpoint, "cpu")
+    answers = torch.tensor([tokenizer.encode(r) + [tokenizer.eos_id] * (6 - len(tokenizer.encode(r))) for r in replies])
+    monkeypatch.setattr(model, "generate", lambda ids, pixels, **kw: answers)
+    result = vlm_eval.evaluate_qa(model, tokenizer, picked)
+    assert [(p["correct"], p["binding_error"]) for p in result["predictions"]] == [(False, True), (True, False),
+                                                                                  (False, False)]
+    assert "binding errors/wrong" in vlm_eval.category_table(result)
+    result = vlm_eval.evaluate_qa(model, tokenizer, [{k: v for k, v in r.items() if k != "others"} for r in picked])
+    assert "binding" not in vlm_eval.category_table(result)  # LLaVA files: no scene, no column
+
+
 def test_prompt_suffix_goes_on_a_new_line_after_the_question():
     conversations = [{"from": "human", "value": "<image>\nWhat color is the square?"}, {"from": "gpt", "value": "red"}]
     prompt, question, reference = vlm_eval.question_prompt(conversations, "vicuna_v1", "Answer in one word.")
