@@ -158,15 +158,18 @@ def category_table(result: dict) -> str:
     binding = any("binding_error" in p for p in result["predictions"])
     rows = []
     for name, (c, t) in result["by_category"].items():
-        row = [name, f"{c / t:8.3f}", f"{c}/{t}"]
+        row = [name, f"{c / t:.3f}", f"{c}/{t}"]
         if binding:
             wrong = [p for p in result["predictions"] if p["category"] == name and not p["correct"]]
             row.append(f"{sum(p['binding_error'] for p in wrong)}/{len(wrong)}" if name in BINDING else "-")
         rows.append(row)
     header = ["category", "accuracy", "correct"] + ["binding errors/wrong"] * binding
     widths = [max(len(r[k]) for r in rows + [header]) for k in range(len(header))]
-    return "\n".join("  ".join(f"{cell:<{w}}" if k == 0 else f"{cell:>{w}}" for k, (cell, w) in
-                               enumerate(zip(row, widths, strict=True))).rstrip() for row in [header] + rows)
+    lines = []
+    for row in [header] + rows:  # names to the left, numbers to the right
+        cells = [row[0].ljust(widths[0])] + [cell.rjust(w) for cell, w in zip(row[1:], widths[1:], strict=True)]
+        lines.append("  ".join(cells))
+    return "\n".join(lines)
 
 
 def accuracy_line(result: dict, label="accuracy") -> str:
