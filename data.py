@@ -19,6 +19,7 @@ import torch
 from PIL import Image, ImageDraw, ImageOps
 from torch.utils.data import Dataset
 
+import anyres
 from tokenizer import IGNORE, IMAGE, ROLES, TEMPLATES, TooLong, corpus_text, encode_conversation
 
 
@@ -65,10 +66,31 @@ def preprocess(image: Image.Image, vision_cfg, mode="pad") -> torch.Tensor:
     size = (S, int(S * h / w)) if w <= h else (int(S * w / h), S)  # int() truncates, as transformers does
     image = image.resize(size, Image.Resampling.BICUBIC)
     left, top = (size[0] - S) // 2, (size[1] - S) // 2
-    image = image.crop((left, top, left + S, top + S))
-    pixels = torch.from_numpy(np.asarray(image, dtype=np.float32) / 255).permute(2, 0, 1)  # (3, S, S)
+    return normalize(image.crop((left, top, left + S, top + S)), vision_cfg)
+
+
+def normalize(image: Image.Image, vision_cfg) -> torch.Tensor:
+    """PIL image -> (3, H, W): pixels scaled to [0, 1], then standardised by the tower's mean and std."""
+    pixels = torch.from_numpy(np.asarray(image, dtype=np.float32) / 255).permute(2, 0, 1)  # (3, H, W)
     mean, std = torch.tensor(vision_cfg.image_mean), torch.tensor(vision_cfg.image_std)
     return (pixels - mean[:, None, None]) / std[:, None, None]
+
+
+def preprocess_anyres(image: Image.Image, vision_cfg, pinpoints) -> torch.Tensor:
+    """PIL image -> (1 + rows*cols, 3, S, S): the base view, then the tiles of its best canvas in row-major order.
+
+    transformers' LlavaNextImageProcessor step by step: bicubic resize into the canvas keeping the aspect ratio,
+    pad, cut into S x S tiles. Its quirks are kept, as checkpoints were trained with them.
+    """
+    S, (w, h) = vision_cfg.image_size, image.size
+    canvas = anyres.select_best_resolution((h, w), pinpoints)
+    fh, fw = anyres.fit_size((h, w), canvas)
+    top, left = anyres.pad_offsets((h, w), canvas)
+    padded = Image.new("RGB", canvas[::-1], (0, 0, 0))  # quirk: padded with black, not the mean colour
+    padded.paste(image.resize((fw, fh), Image.Resampling.BICUBIC), (left, top))
+    tiles = [padded.crop((x, y, x + S, y + S)) for y in range(0, canvas[0], S) for x in range(0, canvas[1], S)]
+    base = image.resize((S, S), Image.Resampling.BICUBIC)  # quirk: the base view is squashed, not padded to square
+    return torch.stack([normalize(view, vision_cfg) for view in [base, *tiles]])
 
 
 # ----------------------------------------------------------------------------- LLaVA records
