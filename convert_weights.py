@@ -125,6 +125,7 @@ HF_DEFAULTS = {
 LLAVA_DEFAULT_VISION = dict(model_type="clip_vision_model", hidden_size=1024, intermediate_size=4096,
                             num_hidden_layers=24, num_attention_heads=16, image_size=336, patch_size=14)
 HF_ACT = {"quick_gelu": "quick_gelu", "gelu_pytorch_tanh": "gelu_tanh", "gelu": "gelu"}
+LLAVA_NEXT_PINPOINTS = [[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]]  # LlavaNextConfig's default
 SIGLIP_IMAGE_STATS = dict(image_mean=(0.5, 0.5, 0.5), image_std=(0.5, 0.5, 0.5))
 
 
@@ -380,7 +381,7 @@ def from_towers(vision_dir: Path, lm_dir: Path, projector: str, seed: int) -> Pl
 
 def from_llava(llava_dir: Path, vision_dir: Path | None) -> Plan:
     c = read_config(llava_dir)
-    if c.get("model_type") == "llava":
+    if c.get("model_type") in ("llava", "llava_next"):
         return from_llava_hf(llava_dir, c)
     if "mm_projector_type" in c or "mm_vision_tower" in c:
         return from_llava_original(llava_dir, c, vision_dir)
@@ -388,7 +389,10 @@ def from_llava(llava_dir: Path, vision_dir: Path | None) -> Plan:
 
 
 def from_llava_hf(llava_dir: Path, c: dict) -> Plan:
-    """llava-hf layouts: legacy `language_model.model.*` and newer `model.language_model.*` + `lm_head`."""
+    """llava-hf layouts: legacy `language_model.model.*` and newer `model.language_model.*` + `lm_head`.
+
+    LLaVA-NeXT adds anyres: its `image_grid_pinpoints` and the learned `image_newline`.
+    """
     vision_cfg = vit_config_from_hf(c.get("vision_config") or LLAVA_DEFAULT_VISION)
     lm_cfg = llama_config_from_hf(c.get("text_config") or {})
     if c.get("projector_hidden_act", "gelu") != "gelu":
@@ -397,9 +401,11 @@ def from_llava_hf(llava_dir: Path, c: dict) -> Plan:
     if not isinstance(layer, int):
         raise ValueError(f"vision_feature_layer {layer!r}: only a single layer is supported")
     strategy = c.get("vision_feature_select_strategy", "default")
+    next_ = c["model_type"] == "llava_next"
     cfg = VLMConfig(vision_cfg, lm_cfg, ProjectorConfig("mlp2x_gelu"),
                     image_token_id=c.get("image_token_index", c.get("image_token_id", 32000)),
-                    feature_layer=layer, drop_cls=strategy == "default")
+                    feature_layer=layer, drop_cls=strategy == "default",
+                    grid_pinpoints=c.get("image_grid_pinpoints", LLAVA_NEXT_PINPOINTS) if next_ else [])
     if not c.get("multimodal_projector_bias", True):
         raise ValueError("multimodal_projector_bias=false is not supported")
     plan = Plan(cfg)
@@ -412,6 +418,8 @@ def from_llava_hf(llava_dir: Path, c: dict) -> Plan:
     if not lm_cfg.tie_embeddings:
         plan.take(src, {"lm.head.weight": head})
     plan.take(src, expand(LLAVA_HF_PROJECTOR_MAP, "projector.", outer + "multi_modal_projector.", 0))
+    if next_:
+        plan.take(src, {"image_newline": outer + "image_newline"})
     plan.check_all_used(src, "", VISION_DROPPED + (r"lm_head\.weight$",))
     return plan
 
@@ -471,11 +479,17 @@ def to_hf(ckpt: Path, out: Path) -> str:
                        max_position_embeddings=lm.max_seq_len, attention_bias=lm.attn_bias,
                        tie_word_embeddings=lm.tie_embeddings, rope_theta=lm.rope_theta,
                        rope_scaling=rope, rope_parameters=rope | {"rope_theta": lm.rope_theta})
-    config = dict(architectures=["LlavaForConditionalGeneration"], model_type="llava", vision_config=vision_config,
+    next_ = bool(cfg.grid_pinpoints)
+    config = dict(architectures=["LlavaNextForConditionalGeneration" if next_ else "LlavaForConditionalGeneration"],
+                  model_type="llava_next" if next_ else "llava", vision_config=vision_config,
                   text_config=text_config, image_token_index=cfg.image_token_id, projector_hidden_act="gelu",
                   vision_feature_layer=cfg.feature_layer, image_seq_length=cfg.num_image_tokens,
                   vision_feature_select_strategy="default" if cfg.drop_cls else "full",
                   multimodal_projector_bias=True, tie_word_embeddings=lm.tie_embeddings)
+    if next_:
+        if cfg.anyres_max:
+            raise ValueError("transformers' LLaVA-NeXT has no anyres_max; export this model as OneVision")
+        config["image_grid_pinpoints"] = cfg.grid_pinpoints
     ours = model.state_dict()
     theirs = {}  # their key -> (our key, slice index within a fused tensor)
     maps = [(expand(VIT_MAP, "vision.", "vision_tower.vision_model.", v.depth)),
@@ -487,6 +501,8 @@ def to_hf(ckpt: Path, out: Path) -> str:
                 theirs.update(split_fused(our_key, their_key, ours[our_key], cfg))
     if not lm.tie_embeddings:
         theirs["language_model.lm_head.weight"] = ours["lm.head.weight"]
+    if next_:
+        theirs["image_newline"] = ours["image_newline"]
     if not v.post_norm:  # transformers' CLIP always builds a pooled-output norm; LLaVA never reads it
         theirs["vision_tower.vision_model.post_layernorm.weight"] = torch.ones(v.width)
         theirs["vision_tower.vision_model.post_layernorm.bias"] = torch.zeros(v.width)

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+import anyres
 from llama import SDPA_HAS_GQA, Llama, LlamaConfig, rope_frequencies
 from lora import LoRALinear
 from projector import Projector, ProjectorConfig
@@ -38,6 +39,8 @@ class VLMConfig:
     drop_cls: bool = True  # LLaVA's "default" strategy drops the CLS token; "full" keeps it
     image_mode: str = "pad"  # LLaVA-1.5 pads images to square; "crop" centre-crops like CLIP
     template: str = "vicuna_v1"  # the chat template the model was (or will be) finetuned with
+    grid_pinpoints: list = field(default_factory=list)  # anyres (LLaVA-NeXT): [h, w] canvases to tile; [] = off
+    anyres_max: int = 0  # OneVision's anyres_max_N: shrink a tiled map above N tiles' tokens; 0 = never
 
     def __post_init__(self):
         if not 0 <= self.image_token_id < self.lm.vocab_size:
@@ -46,12 +49,26 @@ class VLMConfig:
             raise ValueError("drop_cls=True, but the vision tower has no class token")
         if self.projector.kind == "pixel_shuffle" and self.vision.class_token and not self.drop_cls:
             raise ValueError("pixel_shuffle needs a square patch grid: set drop_cls=True")
+        if self.grid_pinpoints:
+            anyres.check_pinpoints(self.grid_pinpoints, self.vision.image_size)
+            if self.num_image_tokens != self.vision.num_patches:
+                raise ValueError("anyres lays tiles' patch grids side by side: it needs one token per patch "
+                                 "(no pixel_shuffle, and drop_cls=True with a class token)")
 
     @property
     def num_image_tokens(self) -> int:
         """How many placeholder tokens one image occupies in the prompt."""
         patches = self.vision.num_patches + (self.vision.class_token and not self.drop_cls)
         return self.projector.num_tokens(patches)
+
+    def image_tokens(self, size: tuple[int, int] | None = None) -> int:
+        """Placeholder tokens for one image of (height, width) `size`. With anyres the count depends on the size;
+        preprocessing, the tokenizer's expansion and the model all ask here, so they cannot disagree."""
+        if not self.grid_pinpoints:
+            return self.num_image_tokens
+        if size is None:
+            raise ValueError("with anyres (grid_pinpoints), an image's token count needs its (height, width)")
+        return anyres.num_tokens(size, self.grid_pinpoints, self.vision.image_size, self.vision.grid, self.anyres_max)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -205,6 +222,8 @@ class VLM(nn.Module):
         self.vision = VisionTransformer(cfg.vision)
         self.projector = Projector(cfg.projector, cfg.vision.width, cfg.lm.dim)
         self.lm = Llama(cfg.lm)
+        # anyres: a learned token that ends each row of a tiled feature map, so the LM can tell where rows break
+        self.image_newline = nn.Parameter(torch.randn(cfg.lm.dim) * cfg.lm.dim**-0.5) if cfg.grid_pinpoints else None
         self.flex_packing = None  # packed rows: FlexAttention if True, an explicit mask if False; None = on CUDA
 
     def encode_images(self, pixel_values):
@@ -214,7 +233,27 @@ class VLM(nn.Module):
             features = features[:, 1:]  # (N, P, C_vision)
         return self.projector(features)
 
-    def embed(self, input_ids, pixel_values=None):
+    def image_features(self, pixel_values, image_sizes=None):
+        """Every image's features in placeholder order, (sum of image_tokens, C_lm).
+
+        Without anyres, pixel_values (N, 3, S, S) holds one view per image. With anyres it holds each image's
+        base view and tiles in turn, and image_sizes (N, 2) gives each image's original (height, width).
+        """
+        features = self.encode_images(pixel_values)  # (views, P, C)
+        if not self.cfg.grid_pinpoints:
+            return features.flatten(0, 1)
+        if image_sizes is None:
+            raise ValueError("an anyres model needs image_sizes: each image's (height, width)")
+        sizes = [tuple(s) for s in torch.as_tensor(image_sizes).tolist()]
+        S = self.cfg.vision.image_size
+        views = [1 + rows * cols for rows, cols in (anyres.tile_grid(s, self.cfg.grid_pinpoints, S) for s in sizes)]
+        if sum(views) != len(features):
+            raise ValueError(f"{len(sizes)} images of sizes {sizes} make {sum(views)} views (base + tiles), "
+                             f"but pixel_values holds {len(features)}")
+        return torch.cat([anyres.merge_tiles(f, s, self.cfg.grid_pinpoints, S, self.image_newline, self.cfg.anyres_max)
+                          for f, s in zip(features.split(views), sizes, strict=True)])
+
+    def embed(self, input_ids, pixel_values=None, image_sizes=None):
         """Token embeddings with each image's features spliced over its placeholder block: (B, T, C)."""
         x = self.lm.tok_embed(input_ids)  # (B, T, C)
         is_image = input_ids == self.cfg.image_token_id  # (B, T)
@@ -223,18 +262,16 @@ class VLM(nn.Module):
             if n_slots:
                 raise ValueError(f"input_ids hold {n_slots} image placeholder tokens but no pixel_values were given")
             return x
-        image_features = self.encode_images(pixel_values)  # (N, P, C)
-        N, P, _ = image_features.shape
-        if n_slots != N * P:
-            raise ValueError(
-                f"input_ids hold {n_slots} image placeholder tokens, but {N} images x {P} tokens "
-                f"= {N * P} image features were given"
-            )
+        image_features = self.image_features(pixel_values, image_sizes)  # (N_tokens, C)
+        if n_slots != len(image_features):
+            n_images = len(pixel_values) if image_sizes is None else len(image_sizes)
+            raise ValueError(f"input_ids hold {n_slots} image placeholder tokens, but {n_images} images give "
+                             f"{len(image_features)} image features")
         # masked_scatter fills the placeholders in row-major order: images in the order they appear.
         return x.masked_scatter(is_image[..., None], image_features.to(x.dtype))
 
     def forward(self, input_ids, pixel_values=None, labels=None, num_tokens=None, attention_mask=None,
-                segment_ids=None):
+                segment_ids=None, image_sizes=None):
         """-> (logits, loss). Without labels: logits (B, T, V) and loss None.
 
         attention_mask (B, T) marks real tokens (left padding allowed). segment_ids (B, T) marks packed
@@ -245,7 +282,7 @@ class VLM(nn.Module):
         and DDP average over the same tokens as one big batch. Only supervised positions reach the LM
         head, so most image and prompt positions never materialise vocab-sized logits.
         """
-        x = self.embed(input_ids, pixel_values)
+        x = self.embed(input_ids, pixel_values, image_sizes)
         if segment_ids is not None:
             flex = self.flex_packing if self.flex_packing is not None else x.is_cuda and SDPA_HAS_GQA
             h = self.lm(x, *packed_positions_and_mask(segment_ids, flex))
@@ -267,15 +304,15 @@ class VLM(nn.Module):
 
     @torch.inference_mode()
     def generate(self, input_ids, pixel_values=None, max_new_tokens=64, temperature=0.0, top_p=1.0, top_k=None,
-                 eos_id=None, attention_mask=None, generator=None, state=None):
+                 eos_id=None, attention_mask=None, generator=None, state=None, image_sizes=None):
         """-> new tokens (B, <= max_new_tokens). Rows that hit eos_id are filled with eos_id after it."""
         steps = list(self.stream(input_ids, pixel_values, max_new_tokens, temperature, top_p, top_k, eos_id,
-                                 attention_mask, generator, state))
+                                 attention_mask, generator, state, image_sizes))
         return torch.stack(steps, dim=1) if steps else input_ids.new_empty(input_ids.size(0), 0)
 
     @torch.inference_mode()
     def stream(self, input_ids, pixel_values=None, max_new_tokens=64, temperature=0.0, top_p=1.0, top_k=None,
-               eos_id=None, attention_mask=None, generator=None, state=None):
+               eos_id=None, attention_mask=None, generator=None, state=None, image_sizes=None):
         """Yield the next token of every row (B,) step by step; stops early once every row has ended.
 
         The prompt is prefilled in one pass into a preallocated KV cache; each later step feeds one token.
@@ -294,7 +331,7 @@ class VLM(nn.Module):
         if start + T + max_new_tokens > S:
             raise ValueError(f"{start} cached + {T} new + {max_new_tokens} generated tokens do not fit the "
                              f"KV cache of {S}")
-        x = self.embed(input_ids, pixel_values)
+        x = self.embed(input_ids, pixel_values, image_sizes)
         slots = torch.arange(start, start + T, device=x.device)
         state.valid[:, start : start + T] = attention_mask
         positions = state.positions + (attention_mask.long().cumsum(1) - 1).clamp(min=0)  # (B, T)

@@ -2,10 +2,24 @@
 
 import numpy as np
 import pytest
+import torch
+from conftest import (
+    VOCAB,
+    clip_vision_config,
+    convert,
+    image_prompt,
+    llama_config,
+    load_hf,
+    random_init,
+    rel_err,
+    save,
+    transformers,
+)
 from PIL import Image
 
 import anyres
 from data import preprocess_anyres
+from model import VLM
 from vit import ViTConfig
 
 TILE = 32  # the tiny towers' image size
@@ -58,3 +72,66 @@ def test_pinpoints_must_be_whole_tiles():
     anyres.check_pinpoints(PINPOINTS, TILE)
     with pytest.raises(ValueError, match=r"grid pinpoint \[32, 40\]"):
         anyres.check_pinpoints([[32, 64], [32, 40]], TILE)
+
+
+# ----------------------------------------------------------------------------- LLaVA-NeXT end to end
+
+
+@pytest.fixture(scope="module")
+def llava_next_dir(hf_dir):
+    cfg = transformers.LlavaNextConfig(vision_config=clip_vision_config(), text_config=llama_config(),
+                                       image_token_index=VOCAB - 1, image_grid_pinpoints=PINPOINTS,
+                                       vision_feature_layer=-2, vision_feature_select_strategy="default")
+    return save(random_init(transformers.LlavaNextForConditionalGeneration(cfg), 21), hf_dir / "llava_next")
+
+
+@pytest.fixture(scope="module")
+def next_pair(llava_next_dir, tmp_path_factory):
+    """(transformers' LLaVA-NeXT, ours converted from it with --llava)."""
+    out = tmp_path_factory.mktemp("next") / "ours"
+    convert("--llava", llava_next_dir, "--out", out)
+    return load_hf(transformers.LlavaNextForConditionalGeneration, llava_next_dir), VLM.from_pretrained(out)
+
+
+def next_inputs(model, sizes, seed=0):
+    """One prompt holding an image of each (h, w) size: (input_ids, our pixels, transformers' processor output)."""
+    images = [photo(*size, seed=seed + k) for k, size in enumerate(sizes)]
+    cfg = model.cfg
+    ids = image_prompt(0, cfg.image_token_id, n_text=3, seed=seed)
+    for size in sizes:
+        ids = torch.cat([ids, torch.full((1, cfg.image_tokens(size)), cfg.image_token_id),
+                         image_prompt(0, cfg.image_token_id, n_text=4, seed=seed)[:, 1:]], dim=1)
+    pixels = torch.cat([preprocess_anyres(im, cfg.vision, cfg.grid_pinpoints) for im in images])
+    return ids, pixels, next_processor(cfg.vision, cfg.grid_pinpoints)(images, return_tensors="pt")
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("size", SIZES[:5] + [(20, 400)])
+def test_llava_next_logits_and_greedy_tokens_match_transformers(next_pair, size):
+    ref, ours = next_pair
+    ids, pixels, hf = next_inputs(ours, [size])
+    theirs = ref(input_ids=ids, pixel_values=hf["pixel_values"], image_sizes=hf["image_sizes"]).logits
+    logits, _ = ours(ids, pixels, image_sizes=hf["image_sizes"])
+    assert rel_err(logits, theirs) < 1e-4
+    want = ref.generate(input_ids=ids, pixel_values=hf["pixel_values"], image_sizes=hf["image_sizes"],
+                        max_new_tokens=8, do_sample=False, pad_token_id=0, eos_token_id=None)[:, ids.size(1):]
+    assert torch.equal(ours.generate(ids, pixels, max_new_tokens=8, image_sizes=hf["image_sizes"]), want)
+
+
+@torch.no_grad()
+def test_llava_next_several_images_in_one_prompt_keep_their_order(next_pair):
+    ref, ours = next_pair
+    ids, pixels, hf = next_inputs(ours, [(40, 90), (300, 500), (37, 53)], seed=3)
+    theirs = ref(input_ids=ids, pixel_values=hf["pixel_values"], image_sizes=hf["image_sizes"]).logits
+    assert rel_err(ours(ids, pixels, image_sizes=hf["image_sizes"])[0], theirs) < 1e-4
+
+
+@torch.no_grad()
+def test_llava_next_round_trip_reloads_in_transformers(next_pair, tmp_path):
+    ref, ours = next_pair
+    ours.save_pretrained(tmp_path / "ours")
+    convert("--to-hf", tmp_path / "ours", "--out", tmp_path / "hf")
+    back = load_hf(transformers.LlavaNextForConditionalGeneration, tmp_path / "hf")
+    ids, _, hf = next_inputs(ours, [(90, 40), (50, 50)], seed=5)
+    kw = dict(input_ids=ids, pixel_values=hf["pixel_values"], image_sizes=hf["image_sizes"])
+    assert rel_err(back(**kw).logits, ref(**kw).logits) < 1e-6

@@ -133,7 +133,7 @@ def test_sampling_is_reproducible_with_a_generator_and_respects_top_k(converted)
 def test_placeholder_image_mismatch_is_a_clear_error(converted):
     ours, _, _ = converted["clip"]
     ids = image_prompt(ours.cfg.num_image_tokens, ours.cfg.image_token_id)
-    with pytest.raises(ValueError, match="16 image placeholder tokens, but 2 images x 16 tokens"):
+    with pytest.raises(ValueError, match="16 image placeholder tokens, but 2 images give 32 image features"):
         ours(ids, images(2))
     with pytest.raises(ValueError, match="no pixel_values"):
         ours(ids)
