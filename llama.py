@@ -39,12 +39,20 @@ class LlamaConfig:
     max_seq_len: int = 4096
     attn_bias: bool = False
     tie_embeddings: bool = False
+    # Levers for learning in-context lookup from scratch; all off for converted checkpoints (transformers has none).
+    conv_kernel: int = 0  # > 0: Canon layer (Allen-Zhu 2025), a causal depthwise conv mixing each attention input
+    #                       with its conv_kernel - 1 predecessors, so recall heads need not first build that mixing
+    qk_norm: bool = False  # RMSNorm on each head's q and k (OLMo 2): logits stay bounded at any learning rate
+    logit_scale: float = 0.0  # > 0: a learnable per-head multiplier of q.k / sqrt(hs), starting here; a sharper
+    #                           softmax than uniform gives the q/k weights gradient sooner (Hoffmann et al. 2024)
 
     def __post_init__(self):
         self.n_kv_heads = self.n_kv_heads or self.n_heads
         self.head_dim = self.head_dim or self.dim // self.n_heads
         if self.n_heads % self.n_kv_heads:
             raise ValueError(f"n_heads {self.n_heads} is not a multiple of n_kv_heads {self.n_kv_heads}")
+        if self.conv_kernel < 0 or self.logit_scale < 0:
+            raise ValueError(f"conv_kernel {self.conv_kernel} and logit_scale {self.logit_scale} must be >= 0")
         kind = (self.rope_scaling or {}).get("type", "default")
         if kind not in ("default", "linear", "llama3"):
             raise ValueError(f"unsupported rope_scaling type {kind!r} (default, linear, llama3)")
@@ -102,17 +110,53 @@ class KVCache(nn.Module):
     Fixed shapes also let torch.compile capture the decode step in a CUDA graph.
     """
 
-    def __init__(self, batch: int, max_len: int, n_kv_heads: int, head_dim: int, dtype, device):
+    def __init__(self, batch: int, max_len: int, n_kv_heads: int, head_dim: int, dtype, device, conv_dim=0):
         super().__init__()
         shape = (batch, n_kv_heads, max_len, head_dim)
         self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
         self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        # A Canon layer's inputs of past tokens (B, S, C): a new token mixes in its predecessors' (conv_kernel > 0).
+        self.x = torch.zeros(batch, max_len, conv_dim, dtype=dtype, device=device) if conv_dim else None
 
     def update(self, slots, k, v):
         """Write k, v (B, nkv, T, hs) at cache slots (T,); return the whole cache (B, nkv, S, hs)."""
         self.k.index_copy_(2, slots, k)
         self.v.index_copy_(2, slots, v)
         return self.k, self.v
+
+    def update_x(self, slots, x):
+        """Write a Canon layer's input x (B, T, C) at cache slots (T,); return all of it (B, S, C)."""
+        self.x.index_copy_(1, slots, x)
+        return self.x
+
+
+class CausalConv(nn.Module):
+    """Canon layer (Allen-Zhu 2025): x_t + sum_j w_j * x_(t-j), j < kernel, per channel.
+
+    It reads the same mask as attention, so a token never mixes in padding, another packed sample or the future.
+    """
+
+    def __init__(self, dim: int, kernel: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.zeros(kernel, dim))  # (k, C); w_j multiplies the token j steps back
+
+    def forward(self, x, mask=None, slots=None, history=None):
+        """x (B, T, C). With a KV cache, history (B, S, C) holds every cached input (x already written at
+        `slots`); mask is attention's (B, 1, T, S) bool or None (plain causal)."""
+        if isinstance(mask, BlockMask):
+            raise ValueError("a Canon layer needs an explicit mask, not a FlexAttention BlockMask")
+        B, T, _ = x.shape
+        source = x if history is None else history  # (B, S, C)
+        slots = torch.arange(T, device=x.device) if slots is None else slots  # (T,)
+        out = x
+        for j in range(self.weight.size(0)):
+            back = slots - j  # (T,) the slot j tokens earlier
+            seen = (back >= 0).expand(B, T)  # (B, T)
+            back = back.clamp(min=0)
+            if mask is not None:
+                seen = seen & mask[:, 0, torch.arange(T, device=x.device), back]  # may token t attend there?
+            out = out + self.weight[j] * source[:, back] * seen[..., None]
+        return out
 
 
 # ----------------------------------------------------------------------------- blocks
@@ -125,6 +169,10 @@ class Attention(nn.Module):
         q_dim, kv_dim = cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim
         self.qkv = nn.Linear(cfg.dim, q_dim + 2 * kv_dim, bias=cfg.attn_bias)  # q, k, v in one matmul
         self.proj = nn.Linear(q_dim, cfg.dim, bias=cfg.attn_bias)
+        self.conv = CausalConv(cfg.dim, cfg.conv_kernel) if cfg.conv_kernel else None
+        self.q_norm = RMSNorm(cfg.head_dim, cfg.norm_eps) if cfg.qk_norm else None
+        self.k_norm = RMSNorm(cfg.head_dim, cfg.norm_eps) if cfg.qk_norm else None
+        self.logit_scale = nn.Parameter(torch.full((cfg.n_heads, 1, 1), cfg.logit_scale)) if cfg.logit_scale else None
         self.cache: KVCache | None = None
 
     def forward(self, x, cos, sin, mask=None, slots=None, need_weights=False):
@@ -134,11 +182,18 @@ class Attention(nn.Module):
         With a cache, k/v are written at `slots` and attention reads the whole cache.
         """
         B, T, _ = x.shape
+        if self.conv is not None:
+            history = self.cache.update_x(slots, x) if self.cache is not None else None
+            x = self.conv(x, mask, slots, history)
         q_dim, kv_dim = self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim
         q, k, v = self.qkv(x).split([q_dim, kv_dim, kv_dim], dim=-1)
         q = q.view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, nh, T, hs)
         k = k.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, nkv, T, hs)
         v = v.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, nkv, T, hs)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        if self.logit_scale is not None:
+            q = q * self.logit_scale  # (nh, 1, 1): every path below divides q.k by sqrt(hs); this multiplies it
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if self.cache is not None:
             k, v = self.cache.update(slots, k, v)  # (B, nkv, S, hs)
@@ -226,6 +281,10 @@ class Llama(nn.Module):
         for name, p in self.named_parameters():
             if name.endswith("norm.weight"):
                 nn.init.ones_(p)
+            elif name.endswith("logit_scale"):
+                nn.init.constant_(p, self.cfg.logit_scale)
+            elif name.endswith("conv.weight"):
+                nn.init.zeros_(p)  # a Canon layer starts as the identity and learns what to mix in
             elif name.endswith("bias"):
                 nn.init.zeros_(p)
             else:
@@ -235,7 +294,8 @@ class Llama(nn.Module):
     def setup_cache(self, batch: int, max_len: int):
         p = self.tok_embed.weight
         for block in self.blocks:
-            block.attn.cache = KVCache(batch, max_len, self.cfg.n_kv_heads, self.cfg.head_dim, p.dtype, p.device)
+            block.attn.cache = KVCache(batch, max_len, self.cfg.n_kv_heads, self.cfg.head_dim, p.dtype, p.device,
+                                       self.cfg.dim if self.cfg.conv_kernel else 0)
 
     def clear_cache(self):
         for block in self.blocks:

@@ -66,15 +66,25 @@ def test_llama3_rope_in_legacy_rope_scaling_form(llama_dir, clip_dir, tmp_path):
     assert rel_err(ours(ids)[0][..., :VOCAB], load_hf(transformers.LlamaForCausalLM, llama_dir)(ids).logits) < 1e-4
 
 
-def small_llama():
+LEVERS = {"canon": dict(conv_kernel=3), "qk_norm": dict(qk_norm=True), "logit_scale": dict(logit_scale=4.0)}
+ALL_LEVERS = dict(conv_kernel=3, qk_norm=True, logit_scale=4.0)
+
+
+def small_llama(**levers):
     torch.manual_seed(0)
-    return Llama(LlamaConfig(vocab_size=97, dim=64, n_layers=3, n_heads=8, n_kv_heads=2, hidden_dim=128,
-                             rope_scaling={"type": "linear", "factor": 2.0})).eval()
+    lm = Llama(LlamaConfig(vocab_size=97, dim=64, n_layers=3, n_heads=8, n_kv_heads=2, hidden_dim=128,
+                           rope_scaling={"type": "linear", "factor": 2.0}, **levers)).eval()
+    with torch.no_grad():  # trained values, not the init's zeros and ones, so every lever changes the output
+        for name, p in lm.named_parameters():
+            if name.endswith(("conv.weight", "q_norm.weight", "k_norm.weight", "logit_scale")):
+                p.uniform_(0.5, 1.5)
+    return lm
 
 
 @torch.no_grad()
-def test_kv_cache_decode_matches_full_forward():
-    lm = small_llama()
+@pytest.mark.parametrize("levers", [{}, *LEVERS.values(), ALL_LEVERS], ids=["plain", *LEVERS, "all"])
+def test_kv_cache_decode_matches_full_forward(levers):
+    lm = small_llama(**levers)
     x = torch.randn(2, 12, 64)
     positions = torch.arange(12).expand(2, 12)
     full = lm(x, positions)
@@ -115,3 +125,46 @@ def test_gqa_does_not_copy_kv(monkeypatch):
         pytest.skip("this torch has no enable_gqa: the plain path broadcasts K/V instead")
     small_llama()(torch.randn(1, 4, 64), torch.arange(4)[None])
     assert len(seen) == 3 and all(shape[1] == 2 for shape in seen)
+
+
+@torch.no_grad()
+def test_canon_layer_is_causal_and_stays_within_a_packed_sample():
+    """Changing tokens after t leaves outputs up to t alone; a packed row equals its two samples run apart."""
+    lm = small_llama(conv_kernel=4)
+    x = torch.randn(1, 12, 64)
+    positions = torch.arange(12)[None]
+    later = x.clone()
+    later[:, 7:] = torch.randn(1, 5, 64)
+    assert torch.equal(lm(later, positions)[:, :7], lm(x, positions)[:, :7])
+    same = torch.tensor([[0] * 5 + [1] * 7])  # (1, T) segment ids
+    mask = (same[:, :, None] == same[:, None, :]) & torch.ones(12, 12, dtype=torch.bool).tril()
+    packed = lm(x, torch.tensor([list(range(5)) + list(range(7))]), mask[:, None])
+    apart = torch.cat([lm(x[:, :5], positions[:, :5]), lm(x[:, 5:], positions[:, :7])], dim=1)
+    assert rel_err(packed, apart) < 1e-5
+
+
+def test_levers_are_off_by_default_and_add_no_weights():
+    """Converted checkpoints load strictly: a plain config has none of the levers' tensors."""
+    plain = {n for n, _ in small_llama().named_parameters()}
+    levered = {n for n, _ in small_llama(**ALL_LEVERS).named_parameters()}
+    assert plain < levered
+    assert {n.split(".", 3)[-1] for n in levered - plain} == {"conv.weight", "q_norm.weight", "k_norm.weight",
+                                                              "logit_scale"}
+
+
+@torch.no_grad()
+def test_logit_scale_multiplies_each_heads_attention_logits():
+    """RoPE is linear, so scaling head h's logits by s_h equals scaling its rows of the query weight by s_h."""
+    scaled, plain = small_llama(logit_scale=1.0), small_llama()
+    for block in scaled.blocks:  # sharp enough to move small random weights' near-uniform attention
+        block.attn.logit_scale.copy_(torch.linspace(5, 40, 8).view(8, 1, 1))
+    state = {k: v for k, v in scaled.state_dict().items() if not k.endswith("logit_scale")}
+    for i, block in enumerate(scaled.blocks):
+        rows = block.attn.logit_scale.repeat_interleave(block.attn.head_dim).view(-1, 1)  # (nh * hs, 1)
+        q_dim = rows.size(0)
+        state[f"blocks.{i}.attn.qkv.weight"] = torch.cat([state[f"blocks.{i}.attn.qkv.weight"][:q_dim] * rows,
+                                                          state[f"blocks.{i}.attn.qkv.weight"][q_dim:]])
+    plain.load_state_dict(state)
+    x, positions = torch.randn(2, 9, 64), torch.arange(9).expand(2, 9)
+    assert rel_err(scaled(x, positions), plain(x, positions)) < 1e-5
+    assert rel_err(small_llama()(x, positions), plain(x, positions)) > 1e-3  # the scales did change the output
