@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
+from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, processors
 
 from llama import LlamaConfig
 from model import VLM, VLMConfig
@@ -269,6 +270,207 @@ def lm_prefixes(src: Source, candidates) -> tuple[str, str]:
     raise KeyError(f"no language model found (looked for {looked})")
 
 
+# ----------------------------------------------------------------------------- GGUF (llama.cpp)
+
+GGUF_MAP = {  # our key -> llama.cpp's tensor name; the head ("output.weight") is mapped separately
+    "tok_embed.weight": "token_embd.weight",
+    "blocks.{}.attn_norm.weight": "blk.{}.attn_norm.weight",
+    "blocks.{}.attn.qkv.weight": tuple(f"blk.{{}}.attn_{p}.weight" for p in "qkv"),
+    "blocks.{}.attn.qkv.bias": tuple(f"blk.{{}}.attn_{p}.bias" for p in "qkv"),
+    "blocks.{}.attn.proj.weight": "blk.{}.attn_output.weight",
+    "blocks.{}.attn.proj.bias": "blk.{}.attn_output.bias",
+    "blocks.{}.mlp_norm.weight": "blk.{}.ffn_norm.weight",
+    "blocks.{}.mlp.gate_up.weight": ("blk.{}.ffn_gate.weight", "blk.{}.ffn_up.weight"),
+    "blocks.{}.mlp.down.weight": "blk.{}.ffn_down.weight",
+    "norm.weight": "output_norm.weight",
+}
+GGUF_ARCHS = ("llama",)  # llama.cpp's name for Llama-1/2/3, Mistral 7B, TinyLlama, SmolLM2: our blocks exactly
+
+
+def import_gguf():
+    """The `gguf` package (llama.cpp's reader), needed only for GGUF input."""
+    try:
+        import gguf
+    except ImportError:
+        raise ImportError("reading a GGUF file needs the gguf package: pip install gguf") from None
+    return gguf
+
+
+def unpermute_rope_rows(w: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """llama.cpp's converter interleaves each head's q/k rows (x0, y0, x1, y1, ...) for its pairwise RoPE; we, like
+    transformers, rotate halves (x0, x1, ..., y0, y1, ...). (n_heads * head_dim, ...) -> the same shape."""
+    return w.reshape(n_heads, w.size(0) // n_heads // 2, 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
+
+
+class GGUFSource:
+    """The tensors and metadata of a llama.cpp GGUF file, read memory-mapped under their GGUF names.
+
+    Each tensor is dequantized to float32 when it is asked for (any type the gguf package can dequantize), with
+    llama.cpp's q/k row permutation undone, so conversion holds one tensor at a time in RAM.
+    """
+
+    def __init__(self, path: Path):
+        self.gguf = import_gguf()
+        self.path = path
+        with open(path, "rb") as f:
+            magic = f.read(4)
+        if magic != b"GGUF":
+            raise ValueError(f"{path}: not a GGUF file (it starts with {magic!r}, not b'GGUF')")
+        try:
+            reader = self.gguf.GGUFReader(path)
+        except (ValueError, IndexError) as err:  # how the reader fails when the file ends early
+            raise ValueError(f"{path}: truncated or corrupt GGUF file ({path.stat().st_size} bytes; the reader "
+                             f"stopped with: {err})") from None
+        self.fields = reader.fields
+        self.tensors = {t.name: t for t in reader.tensors}
+        self.arch = self.field("general.architecture")
+        if self.arch not in GGUF_ARCHS:
+            raise ValueError(f"{path}: architecture {self.arch!r} is not Llama-like (supported: "
+                             f"{', '.join(GGUF_ARCHS)})")
+        self.rope_heads = {}  # tensor name -> heads whose rows llama.cpp permuted (filled by llama_config)
+        for name, t in self.tensors.items():  # refuse before writing anything, naming the tensor
+            try:
+                self.gguf.quants.dequantize(t.data[:1], t.tensor_type)  # one row: cheap, and tells
+            except NotImplementedError:
+                raise ValueError(f"{path}: tensor '{name}' is {t.tensor_type.name}, which the gguf package cannot "
+                                 f"dequantize") from None
+
+    def field(self, key: str, default=None):
+        """A metadata value, or `default` when the key is absent (None: the key is required)."""
+        if key not in self.fields:
+            if default is None:
+                raise KeyError(f"{self.path}: metadata key '{key}' not found")
+            return default
+        return self.fields[key].contents()
+
+    def keys(self):
+        return self.tensors.keys()
+
+    def shape(self, key: str) -> tuple:
+        return tuple(reversed(self.tensors[key].shape.tolist()))  # ggml lists the innermost dimension first
+
+    def get(self, key: str, meta=False) -> torch.Tensor:
+        """The tensor as float32, or with meta=True an empty stand-in of the same shape (reads no data)."""
+        if key not in self.tensors:
+            raise KeyError(f"tensor '{key}' not found in {self.path}")
+        if meta:
+            return torch.empty(self.shape(key), dtype=torch.float32, device="meta")
+        t = self.tensors[key]
+        w = torch.from_numpy(self.gguf.quants.dequantize(t.data, t.tensor_type).copy()).reshape(self.shape(key))
+        return unpermute_rope_rows(w, self.rope_heads[key]) if key in self.rope_heads else w
+
+    def llama_config(self) -> LlamaConfig:
+        """Our config from llama.cpp's metadata keys (`llama.embedding_length`, ...)."""
+        a = self.arch
+        heads = self.field(f"{a}.attention.head_count")
+        kv_heads = self.field(f"{a}.attention.head_count_kv", heads)
+        dim = self.field(f"{a}.embedding_length")
+        head_dim = self.field(f"{a}.attention.key_length", dim // heads)
+        if self.field(f"{a}.rope.dimension_count", head_dim) != head_dim:
+            raise ValueError(f"{self.path}: RoPE on {self.field(f'{a}.rope.dimension_count')} of {head_dim} "
+                             f"channels per head (partial rotary) is not supported")
+        if "rope_freqs.weight" in self.tensors:
+            raise ValueError(f"{self.path}: per-frequency RoPE factors (tensor 'rope_freqs.weight', Llama-3.1's "
+                             f"long context) are not supported from GGUF; convert the model's HF directory instead")
+        scaling = self.field(f"{a}.rope.scaling.type", "none")
+        if scaling not in ("none", "linear"):
+            raise ValueError(f"{self.path}: RoPE scaling {scaling!r} is not supported (none, linear)")
+        for i in range(self.field(f"{a}.block_count")):
+            self.rope_heads[f"blk.{i}.attn_q.weight"] = self.rope_heads[f"blk.{i}.attn_q.bias"] = heads
+            self.rope_heads[f"blk.{i}.attn_k.weight"] = self.rope_heads[f"blk.{i}.attn_k.bias"] = kv_heads
+        return LlamaConfig(
+            vocab_size=self.shape("token_embd.weight")[0], dim=dim, n_layers=self.field(f"{a}.block_count"),
+            n_heads=heads, n_kv_heads=kv_heads, head_dim=head_dim, hidden_dim=self.field(f"{a}.feed_forward_length"),
+            norm_eps=self.field(f"{a}.attention.layer_norm_rms_epsilon"),
+            rope_theta=self.field(f"{a}.rope.freq_base", 10000.0),
+            rope_scaling={"type": "linear", "factor": self.field(f"{a}.rope.scaling.factor")}
+            if scaling == "linear" else None,
+            max_seq_len=self.field(f"{a}.context_length"), attn_bias="blk.0.attn_q.bias" in self.tensors,
+            tie_embeddings="output.weight" not in self.tensors,
+        )
+
+
+# llama.cpp's pre-tokenizer names (`tokenizer.ggml.pre`) -> how its regexes split text, as `tokenizers` steps.
+LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+                r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+               r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+GGUF_PRE_TOKENIZERS = {
+    "gpt2": lambda: pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
+    "smollm": lambda: pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True),  # then GPT-2's
+                                               pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)]),
+    "llama-bpe": lambda: split_then_bytes(LLAMA3_SPLIT),
+    "qwen2": lambda: split_then_bytes(QWEN2_SPLIT),
+}
+GGUF_CONTROL, GGUF_USER_DEFINED = 3, 4  # llama.cpp's token types for special and added (matched whole) tokens
+
+
+def split_then_bytes(pattern: str):
+    return pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(pattern), behavior="isolated"),
+                                    pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+
+
+def gguf_tokenizer(src: GGUFSource) -> Tokenizer:
+    """The byte-level BPE tokenizer a GGUF describes (vocabulary, merges, pre-tokenizer, special tokens), built as
+    the `tokenizer.json` of the model's HF release would be. Llama-3's BPE looks whole words up before merging."""
+    kind, pre = src.field("tokenizer.ggml.model"), src.field("tokenizer.ggml.pre", "default")
+    if kind != "gpt2":
+        raise ValueError(f"{src.path}: tokenizer {kind!r} is not supported from GGUF (only byte-level BPE, 'gpt2'); "
+                         f"convert the model's HF directory instead")
+    if pre not in GGUF_PRE_TOKENIZERS:
+        raise ValueError(f"{src.path}: pre-tokenizer {pre!r} is not supported (known: "
+                         f"{', '.join(GGUF_PRE_TOKENIZERS)})")
+    tokens = src.field("tokenizer.ggml.tokens")
+    merges = [tuple(m.split(" ", 1)) for m in src.field("tokenizer.ggml.merges")]
+    tok = Tokenizer(models.BPE({t: i for i, t in enumerate(tokens)}, merges, ignore_merges=pre == "llama-bpe"))
+    tok.pre_tokenizer = GGUF_PRE_TOKENIZERS[pre]()
+    tok.decoder = decoders.ByteLevel()
+    types = src.field("tokenizer.ggml.token_type", [1] * len(tokens))
+    tok.add_special_tokens([AddedToken(t, normalized=False, special=True)
+                            for t, kind in zip(tokens, types, strict=True) if kind == GGUF_CONTROL])
+    tok.add_tokens([AddedToken(t, normalized=False, special=False)
+                    for t, kind in zip(tokens, types, strict=True) if kind == GGUF_USER_DEFINED])
+    bos = src.field("tokenizer.ggml.bos_token_id", -1)
+    if src.field("tokenizer.ggml.add_bos_token", False) and bos >= 0:
+        tok.post_processor = processors.TemplateProcessing(single=f"{tokens[bos]} $A", pair=f"{tokens[bos]} $A $B",
+                                                           special_tokens=[(tokens[bos], bos)])
+    else:
+        tok.post_processor = processors.ByteLevel(trim_offsets=False)
+    return tok
+
+
+def write_gguf_tokenizer(src: GGUFSource, out: Path, rows: int):
+    """Write tokenizer.json plus the files that carry its special tokens and chat template, laid out as
+    transformers' save_pretrained lays them out. Refuses a vocabulary larger than the embedding table's `rows`."""
+    tok = gguf_tokenizer(src)
+    if tok.get_vocab_size(with_added_tokens=True) > rows:
+        raise ValueError(f"{src.path}: the tokenizer has {tok.get_vocab_size(with_added_tokens=True)} tokens, but "
+                         f"the embedding table 'token_embd.weight' has only {rows} rows")
+    tokens = src.field("tokenizer.ggml.tokens")
+    special = {name: tokens[src.field(f"tokenizer.ggml.{key}_token_id")]
+               for name, key in [("bos", "bos"), ("eos", "eos"), ("unk", "unknown"), ("pad", "padding")]
+               if f"tokenizer.ggml.{key}_token_id" in src.fields}
+    ids = {f"{name}_token_id": tok.token_to_id(t) for name, t in special.items() if name != "unk"}
+    stop = [src.field(f"tokenizer.ggml.{key}_token_id") for key in ("eos", "eot", "eom")
+            if f"tokenizer.ggml.{key}_token_id" in src.fields]  # end of text, of turn, of message
+    config = {f"{name}_token": t for name, t in special.items()} | {
+        "add_bos_token": src.field("tokenizer.ggml.add_bos_token", False),
+        "add_eos_token": src.field("tokenizer.ggml.add_eos_token", False)}
+    out.mkdir(parents=True, exist_ok=True)
+    tok.save(str(out / "tokenizer.json"))
+    (out / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
+    (out / "generation_config.json").write_text(json.dumps(ids | {"eos_token_id": sorted(set(stop))}, indent=2) + "\n")
+    if "tokenizer.chat_template" in src.fields:
+        (out / "chat_template.jinja").write_text(src.field("tokenizer.chat_template"))
+
+
+def take_gguf_lm(plan: "Plan", src: GGUFSource):
+    plan.take(src, expand(GGUF_MAP, "lm.", "", plan.cfg.lm.n_layers))
+    if not plan.cfg.lm.tie_embeddings:
+        plan.take(src, {"lm.head.weight": "output.weight"})
+    plan.check_all_used(src, "")
+
+
 # ----------------------------------------------------------------------------- building a checkpoint
 
 
@@ -358,24 +560,29 @@ def fresh_projector(plan: Plan, dtype, seed: int):
         plan.recipes["projector." + k] = lambda meta, v=v: v.to("meta") if meta else v
 
 
-def from_towers(vision_dir: Path, lm_dir: Path, projector: str, seed: int) -> Plan:
-    """A new VLM from a vision tower and a language model; only the projector is new."""
+def from_towers(vision_dir: Path, lm: "Path | GGUFSource", projector: str, seed: int) -> Plan:
+    """A new VLM from a vision tower and a language model (an HF dir or an opened GGUF file); only the projector
+    is new."""
     vision_cfg = vit_config_from_hf(read_config(vision_dir))
-    lm_cfg = llama_config_from_hf(read_config(lm_dir))
+    gguf_src = lm if isinstance(lm, GGUFSource) else None
+    lm_cfg = gguf_src.llama_config() if gguf_src else llama_config_from_hf(read_config(lm))
     vocab = lm_cfg.vocab_size
     lm_cfg.vocab_size += 1  # the placeholder gets the next id
     cfg = VLMConfig(vision_cfg, lm_cfg, ProjectorConfig(projector), image_token_id=vocab,
                     feature_layer=-2 if vision_cfg.class_token else -1, drop_cls=vision_cfg.class_token)
     plan = Plan(cfg)
-    vsrc, lsrc = Source.from_dir(vision_dir), Source.from_dir(lm_dir)
-    take_vision_tower(plan, vsrc)
-    body, head = lm_prefixes(lsrc, [("model.", "lm_head.weight"), ("", "lm_head.weight")])
-    plan.take(lsrc, expand(LLAMA_MAP, "lm.", body, lm_cfg.n_layers))
-    if not lm_cfg.tie_embeddings:
-        plan.take(lsrc, {"lm.head.weight": head})
-    plan.check_all_used(lsrc, body, [r"^lm_head\.weight$"])  # a tied checkpoint may still store the head
+    take_vision_tower(plan, Source.from_dir(vision_dir))
+    if gguf_src:
+        take_gguf_lm(plan, gguf_src)
+    else:
+        lsrc = Source.from_dir(lm)
+        body, head = lm_prefixes(lsrc, [("model.", "lm_head.weight"), ("", "lm_head.weight")])
+        plan.take(lsrc, expand(LLAMA_MAP, "lm.", body, lm_cfg.n_layers))
+        if not lm_cfg.tie_embeddings:
+            plan.take(lsrc, {"lm.head.weight": head})
+        plan.check_all_used(lsrc, body, [r"^lm_head\.weight$"])  # a tied checkpoint may still store the head
     add_image_token_row(plan)
-    fresh_projector(plan, lsrc.get(body + "embed_tokens.weight", meta=True).dtype, seed)
+    fresh_projector(plan, plan.recipes["lm.tok_embed.weight"](True).dtype, seed)
     return plan
 
 
@@ -537,7 +744,9 @@ def main(argv=None):
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--vision", type=Path, help="HF vision tower dir: CLIPModel, CLIPVisionModel, SiglipModel or "
                                                 "SiglipVisionModel (also the tower for an original-LLaVA --llava)")
-    p.add_argument("--lm", type=Path, help="HF language model dir: Llama-2/3, TinyLlama, Mistral, Vicuna")
+    p.add_argument("--lm", type=Path, help="HF language model dir (Llama-2/3, TinyLlama, Mistral, Vicuna, SmolLM2), "
+                                            "or a llama.cpp .gguf file of a Llama-architecture model (any "
+                                            "quantization the gguf package can dequantize)")
     p.add_argument("--projector", default="mlp2x_gelu", choices=["linear", "mlp2x_gelu", "pixel_shuffle"],
                    help="projector to initialise fresh when building from --vision + --lm")
     p.add_argument("--llava", type=Path, help="a llava-hf dir (any key layout), or an original LLaVA repo dir "
@@ -557,11 +766,14 @@ def main(argv=None):
             tok_dir = args.llava
             print(from_llava(args.llava, args.vision).write(args.out, dtype, tok_dir / "tokenizer.model"))
         elif args.vision and args.lm:
-            plan = from_towers(args.vision, args.lm, args.projector, args.seed)
-            print(plan.write(args.out, dtype, args.lm / "tokenizer.model"))
+            lm = GGUFSource(args.lm) if args.lm.is_file() else args.lm
+            plan = from_towers(args.vision, lm, args.projector, args.seed)
+            if isinstance(lm, GGUFSource):
+                write_gguf_tokenizer(lm, args.out, plan.cfg.image_token_id)
+            print(plan.write(args.out, dtype, None if isinstance(lm, GGUFSource) else args.lm / "tokenizer.model"))
         else:
             p.error("give --vision and --lm, or --llava, or --to-hf")
-    except (OSError, KeyError, ValueError, RuntimeError) as err:
+    except (OSError, ImportError, KeyError, ValueError, RuntimeError) as err:
         raise SystemExit(f"convert_weights: {err.args[0] if isinstance(err, KeyError) else err}") from None
 
 

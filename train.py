@@ -13,11 +13,14 @@ on held-out questions with and without the images. The training loop follows nan
 import argparse
 import contextlib
 import dataclasses
+import hashlib
+import io
 import json
 import math
 import os
 import random
 import shutil
+import signal
 import sys
 import time
 from functools import partial
@@ -26,6 +29,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader
@@ -48,6 +52,8 @@ MAIN_JOB = {
 }
 MAIN_JOB_EVAL = 1000  # held-out ShapesWorld questions scored at the end
 SHAPES_WORLD = dict(image_size=48)  # ShapesWorld as the main job draws it, at the tiny preset's image size
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)  # "stop soon", from Slurm, Kubernetes and spot instances
+EXIT_PREEMPTED = 75  # EX_TEMPFAIL: stopped by a STOP_SIGNAL with a checkpoint saved; rerun with --resume
 
 
 # ----------------------------------------------------------------------------- distributed setup
@@ -320,9 +326,11 @@ def batches(dataset, num_samples: int, shuffle: bool, args, d: Dist, step: int, 
         sampler = GlobalBatchSampler(num_samples, args.global_batch, args.seed, d.rank, d.world_size,
                                      args.batch_size, epoch, start, shuffle)
         pack_len = args.max_len if args.pack else None
+        # The loader's own generator (worker seeds): one drawn from the global RNG would shift dropout on resume.
         loader = DataLoader(dataset, batch_sampler=sampler,
                             collate_fn=partial(collate, pad_id=pad_id, pack_len=pack_len),
-                            num_workers=args.workers, persistent_workers=False)
+                            num_workers=args.workers, persistent_workers=False, worker_init_fn=ignore_stop_signals,
+                            generator=torch.Generator().manual_seed(args.seed + epoch))
         micro = []
         for batch in loader:
             micro.append(batch)
@@ -361,34 +369,128 @@ def full_tensors(named) -> dict[str, torch.Tensor]:
             for name, t in named}
 
 
+CHECKPOINT_FILES = ("trainable.safetensors", "train_state.pt", "init.json")  # each listed in SHA256SUMS
+
+
 def save_checkpoint(out: Path, step: int, model: VLM, optimizer, scheduler, scaler, skipped: dict, args,
                     init_info: dict, d: Dist):
-    """OUT/checkpoints/step_000123/: written into a temporary dir, then renamed, so a kill never leaves a
-    checkpoint that looks complete but is not. Holds the trainable weights only, plus a reference to --init.
-    Called on every rank (FSDP gathers), written by rank 0."""
+    """Save OUT/checkpoints/step_000123/ on every rank's call (FSDP gathers), written by rank 0. Holds the
+    trainable weights only, plus a reference to --init. A disk that refuses the write (full, read-only) stops
+    every rank with one line; the previous checkpoint stays as it was."""
     trainable = full_tensors((name, p) for name, p in model.named_parameters() if p.requires_grad)
-    if not d.master:
-        return
-    root = out / "checkpoints"
-    final, tmp = root / f"step_{step:06d}", root / f".tmp_step_{step:06d}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    save_file(trainable, tmp / "trainable.safetensors")
-    # FSDP's optimizer state is sharded: its checkpoints keep weights and schedule, and cannot be resumed.
-    state = {"step": step, "optimizer": None if args.fsdp else optimizer.state_dict(),
-             "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "rng": rng_state(), "skipped": skipped,
-             "global_batch": args.global_batch, "max_steps": args.max_steps}
-    torch.save(state, tmp / "train_state.pt")
-    (tmp / "init.json").write_text(json.dumps(init_info | {"seed": args.seed}, indent=2) + "\n")
-    shutil.rmtree(final, ignore_errors=True)
-    os.replace(tmp, final)  # atomic on POSIX: the checkpoint appears complete or not at all
-    for old in sorted(root.glob("step_*"))[:-args.keep] if args.keep > 0 else []:
+    failed = None
+    if d.master:
+        # FSDP's optimizer state is sharded: its checkpoints keep weights and schedule, and cannot be resumed.
+        state = {"step": step, "optimizer": None if args.fsdp else optimizer.state_dict(),
+                 "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "rng": rng_state(),
+                 "skipped": skipped, "global_batch": args.global_batch, "max_steps": args.max_steps}
+        path = out / "checkpoints" / f"step_{step:06d}"
+        try:
+            write_checkpoint(path, trainable, state, init_info | {"seed": args.seed}, args.keep)
+        except (OSError, SafetensorError) as err:
+            previous = latest_checkpoint(out)
+            failed = (f"error: cannot save {path}: {err}; "
+                      + (f"{previous} is intact" if previous else "no earlier checkpoint"))
+    if all_reduce_sum(float(failed is not None), d):  # every rank stops, none waits for a save that never comes
+        raise SystemExit(failed if d.master else 1)
+
+
+def write_checkpoint(path: Path, trainable: dict, state: dict, init: dict, keep: int):
+    """Write into a temporary dir, fsync, then rename: a kill never leaves a checkpoint that looks complete but
+    is not. SHA256SUMS (`sha256sum -c` reads it) lets --resume tell a damaged checkpoint from a good one."""
+    root = path.parent
+    tmp = root / f".tmp_{path.name}"
+    root.mkdir(parents=True, exist_ok=True)
+    for stale in root.glob(".tmp_step_*"):  # left by a killed save
+        shutil.rmtree(stale)
+    try:
+        tmp.mkdir()
+        save_file(trainable, tmp / "trainable.safetensors")
+        buffer = io.BytesIO()  # torch.save to a path hides the OS error (ENOSPC) behind a RuntimeError
+        torch.save(state, buffer)
+        (tmp / "train_state.pt").write_bytes(buffer.getbuffer())
+        (tmp / "init.json").write_text(json.dumps(init, indent=2) + "\n")
+        sums = "".join(f"{sha256(tmp / name)}  {name}\n" for name in CHECKPOINT_FILES)
+        (tmp / "SHA256SUMS").write_text(sums)
+        for name in CHECKPOINT_FILES + ("SHA256SUMS", "."):
+            fsync(tmp / name)
+    except (OSError, SafetensorError):
+        shutil.rmtree(tmp, ignore_errors=True)  # free the space; a .tmp_ dir is never resumed from anyway
+        raise
+    shutil.rmtree(path, ignore_errors=True)
+    os.replace(tmp, path)  # atomic on POSIX: the checkpoint appears complete or not at all
+    fsync(root)
+    for old in sorted(root.glob("step_*"))[:-keep] if keep > 0 else []:
         shutil.rmtree(old)
+
+
+def sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def fsync(path: Path):
+    """Flush a file or a directory (its entries) to the disk, so a power cut keeps what the rename promised."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def latest_checkpoint(out: Path) -> Path | None:
     done = sorted((out / "checkpoints").glob("step_*"))  # a partial save is still a .tmp_ dir
     return done[-1] if done else None
+
+
+def checkpoint_problem(path: Path) -> str | None:
+    """Why the checkpoint at `path` cannot be trusted (a file missing, truncated or changed), or None."""
+    try:
+        lines = (path / "SHA256SUMS").read_text().splitlines()
+    except FileNotFoundError:
+        return "SHA256SUMS is missing"
+    except (OSError, UnicodeDecodeError) as err:
+        return f"SHA256SUMS is unreadable ({err})"
+    listed = dict(reversed(line.split("  ", 1)) for line in lines if "  " in line)  # name -> digest
+    for name in CHECKPOINT_FILES:
+        if name not in listed:
+            return f"SHA256SUMS does not list {name}"
+        try:
+            if sha256(path / name) != listed[name]:
+                return f"{name} does not match its checksum"
+        except FileNotFoundError:
+            return f"{name} is missing"
+        except OSError as err:
+            return f"{name} is unreadable ({err})"
+    return None
+
+
+def resume_checkpoint(out: Path, d: Dist) -> Path | None:
+    """The newest checkpoint whose files match SHA256SUMS. Each damaged one is named in one line and the one
+    before it is tried; when every one is damaged, stop rather than silently start over. Rank 0 decides."""
+    chosen, error = None, None
+    if d.master:
+        problems = []
+        for path in reversed(sorted((out / "checkpoints").glob("step_*"))):
+            problem = checkpoint_problem(path)
+            if problem is None:
+                chosen = path
+                break
+            problems.append(f"{path.name}: {problem}")
+            print(f"--resume: {path} is damaged ({problem}); falling back to the one before it", file=sys.stderr)
+        if problems and chosen is None:
+            error = (f"error: --resume: no intact checkpoint in {out / 'checkpoints'} ({'; '.join(problems)}); "
+                     "move them away to start over")
+    if d.world_size > 1:
+        box = [chosen, error]
+        dist.broadcast_object_list(box)
+        chosen, error = box
+    if error:
+        raise SystemExit(error if d.master else 1)
+    return chosen
 
 
 def load_checkpoint(path: Path, model: VLM, optimizer, scheduler, scaler, args) -> tuple[int, dict]:
@@ -503,7 +605,7 @@ def train(args) -> Path:
     autocast = (torch.autocast(d.device.type, dtype=dtype) if dtype != torch.float32 else contextlib.nullcontext())
 
     step, skipped = 0, dict(getattr(dataset, "skipped", {}))
-    checkpoint = latest_checkpoint(out) if args.resume else None
+    checkpoint = resume_checkpoint(out, d) if args.resume else None
     if checkpoint is not None:
         step, skipped = load_checkpoint(checkpoint, model, optimizer, scheduler, scaler, args)
     elif args.resume and d.master:
@@ -531,6 +633,7 @@ def train(args) -> Path:
     t_start, tokens_seen, last_eval = time.time(), 0, None
     t_log, tokens_log = time.time(), 0
     model.train()
+    stop = StopRequest()  # from here on, SIGTERM and SIGUSR1 wait for the step to finish
     try:
         for micro in batches(dataset, num_samples, shuffle, args, d, step, tokenizer.pad_id):
             if step >= args.max_steps:
@@ -562,10 +665,19 @@ def train(args) -> Path:
                 bar.write(f"step {step}: held-out accuracy {last_eval['eval_accuracy']:.3f}")
                 metrics.write(json.dumps(last_eval) + "\n")
                 metrics.flush()
-            if step % args.save_every == 0 or step == args.max_steps:
+            saved = step % args.save_every == 0 or step == args.max_steps
+            if saved:
                 save_checkpoint(out, step, model, optimizer, scheduler, scaler, skipped, args, init_info, d)
-                barrier(d)
+            if step < args.max_steps and all_reduce_sum(float(stop.signal is not None), d):  # any rank's signal
+                if not saved:
+                    save_checkpoint(out, step, model, optimizer, scheduler, scaler, skipped, args, init_info, d)
+                if d.master:
+                    bar.write(f"{stop.signal or 'a signal to another rank'}: stopped after step {step}, saved "
+                              f"{out / 'checkpoints' / f'step_{step:06d}'}; the same command with --resume "
+                              f"continues (exit code {EXIT_PREEMPTED})")
+                raise SystemExit(EXIT_PREEMPTED)
     finally:
+        stop.restore()
         bar.close()
         if metrics:
             metrics.close()
@@ -590,6 +702,28 @@ def train(args) -> Path:
               + (", adapter.safetensors" if args.lora_rank else "") + f"), checkpoints in {out / 'checkpoints'}")
     barrier(d)
     return out
+
+
+class StopRequest:
+    """Remembers a STOP_SIGNAL instead of dying of it, so the loop can finish its step and save first."""
+
+    def __init__(self):
+        self.signal = None  # the name of the first signal received
+        self.previous = {s: signal.signal(s, self.receive) for s in STOP_SIGNALS}
+
+    def receive(self, signum, frame):
+        self.signal = self.signal or signal.Signals(signum).name
+
+    def restore(self):
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)
+
+
+def ignore_stop_signals(worker_id: int):
+    """DataLoader workers ignore the stop signals: Slurm signals every process of a job, and a worker killed
+    by SIGTERM would crash the loader before the main process could save. The main process stops them itself."""
+    for s in STOP_SIGNALS:
+        signal.signal(s, signal.SIG_IGN)
 
 
 def train_step(train_model, model: VLM, micro: list[dict], optimizer, scaler, autocast, args, d: Dist):
