@@ -105,12 +105,44 @@ class Skipped(NamedTuple):
 
 def encode_sample(record: dict, images: list, tokenizer, cfg, template: str, max_len: int | None,
                   image_mode: str) -> dict:
-    """One record (conversations + PIL images, in tag order) -> the sample dict collate batches."""
-    input_ids, labels = encode_conversation(tokenizer, record["conversations"], template, cfg.image_token_id,
-                                            cfg.num_image_tokens, max_len)
-    pixel_values = torch.stack([preprocess(im, cfg.vision, image_mode) for im in images]) if images else None
+    """One record (conversations + PIL images, in tag order) -> the sample dict collate batches.
+
+    With anyres each image has its own token count, so the text is tokenized with one placeholder per image and
+    each is then grown to cfg.image_tokens(its size); max_len is lowered by the growth, so the cut falls where
+    it would in the grown sequence.
+    """
+    sizes = [(im.height, im.width) for im in images]
+    counts = [cfg.image_tokens(size) for size in sizes]
+    if max_len is not None:
+        max_len -= sum(counts) - len(counts)
+        if max_len < 1:
+            raise TooLong(f"{len(images)} images take {sum(counts)} tokens, more than max_len")
+    input_ids, labels = encode_conversation(tokenizer, record["conversations"], template, cfg.image_token_id, 1,
+                                            max_len)
+    input_ids, labels = expand_images(input_ids, labels, counts, cfg.image_token_id)
+    if not images:
+        pixel_values = None
+    elif cfg.grid_pinpoints:
+        pixel_values = torch.cat([preprocess_anyres(im, cfg.vision, cfg.grid_pinpoints) for im in images])
+    else:
+        pixel_values = torch.stack([preprocess(im, cfg.vision, image_mode) for im in images])
     return {"id": record["id"], "input_ids": torch.tensor(input_ids), "labels": torch.tensor(labels),
-            "pixel_values": pixel_values}  # (T,), (T,), (n_images, 3, S, S) or None
+            "pixel_values": pixel_values,  # (T,), (T,), (views, 3, S, S) or None: one view per image, or anyres'
+            "image_sizes": torch.tensor(sizes, dtype=torch.long).view(-1, 2) if images else None}  # (n_images, 2)
+
+
+def expand_images(ids: list[int], labels: list[int], counts: list[int], image_token_id: int):
+    """Grow the k-th image placeholder into counts[k] copies (its label, IGNORE, copied along)."""
+    if ids.count(image_token_id) != len(counts):
+        raise ValueError(f"{ids.count(image_token_id)} image placeholders for {len(counts)} images")
+    grown_ids, grown_labels, k = [], [], 0
+    for token, label in zip(ids, labels, strict=True):
+        n = 1
+        if token == image_token_id:
+            n, k = counts[k], k + 1
+        grown_ids += [token] * n
+        grown_labels += [label] * n
+    return grown_ids, grown_labels
 
 
 def read_records(path) -> list:
@@ -271,13 +303,15 @@ def collate(samples: list, pad_id: int, pack_len: int | None = None) -> dict:
             start = end
     order = [samples[i] for row in rows for i in row]
     images = [s["pixel_values"] for s in order if s["pixel_values"] is not None]
+    sizes = [s["image_sizes"] for s in order if s.get("image_sizes") is not None]
     return {
         "ids": [s["id"] for s in order],
         "input_ids": input_ids,  # (R, T)
         "labels": labels,  # (R, T)
         "attention_mask": segment_ids >= 0,  # (R, T)
         "segment_ids": segment_ids if pack_len else None,  # (R, T)
-        "pixel_values": torch.cat(images) if images else None,  # (N, 3, S, S)
+        "pixel_values": torch.cat(images) if images else None,  # (N, 3, S, S); with anyres (views, 3, S, S)
+        "image_sizes": torch.cat(sizes) if sizes else None,  # (N, 2): each image's (height, width)
         "num_tokens": int((labels != IGNORE).sum()),
         "skipped": skipped,  # record index -> reason
     }

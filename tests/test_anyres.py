@@ -18,8 +18,10 @@ from conftest import (
 from PIL import Image
 
 import anyres
-from data import preprocess_anyres
-from model import VLM
+from data import ShapesWorld, collate, encode_sample, preprocess_anyres
+from llama import LlamaConfig
+from model import VLM, VLMConfig
+from tokenizer import TooLong, train_tokenizer
 from vit import ViTConfig
 
 TILE = 32  # the tiny towers' image size
@@ -135,3 +137,59 @@ def test_llava_next_round_trip_reloads_in_transformers(next_pair, tmp_path):
     ids, _, hf = next_inputs(ours, [(90, 40), (50, 50)], seed=5)
     kw = dict(input_ids=ids, pixel_values=hf["pixel_values"], image_sizes=hf["image_sizes"])
     assert rel_err(back(**kw).logits, ref(**kw).logits) < 1e-6
+
+
+# ----------------------------------------------------------------------------- token counts through data.py
+
+
+@pytest.fixture(scope="module")
+def tok(tmp_path_factory):
+    return train_tokenizer(ShapesWorld().texts(200), 400, tmp_path_factory.mktemp("tok") / "tokenizer.model")
+
+
+@pytest.fixture(scope="module")
+def scratch(tok):
+    """A from-scratch anyres model over the tokenizer's vocabulary (its own placeholder row at the end)."""
+    vision = ViTConfig(image_size=TILE, patch_size=8, width=32, depth=2, heads=2, mlp_dim=64)
+    lm = LlamaConfig(vocab_size=tok.vocab_size + 1, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=96,
+                     max_seq_len=1024)
+    torch.manual_seed(0)
+    return VLM(VLMConfig(vision, lm, image_token_id=tok.vocab_size, grid_pinpoints=PINPOINTS)).eval()
+
+
+def record(n_images: int, k=0) -> dict:
+    question = "<image>\n" * n_images + "What color is the circle?"
+    return {"id": f"r{k}", "conversations": [{"from": "human", "value": question},
+                                             {"from": "gpt", "value": "red" + " and blue" * k}]}
+
+
+def test_placeholders_views_and_model_agree_for_every_size(tok, scratch):
+    cfg = scratch.cfg
+    for size in SIZES:
+        sample = encode_sample(record(1), [photo(*size)], tok, cfg, "vicuna_v1", None, "pad")
+        rows, cols = anyres.tile_grid(size, PINPOINTS, TILE)
+        assert int((sample["input_ids"] == cfg.image_token_id).sum()) == cfg.image_tokens(size)
+        assert sample["pixel_values"].shape[0] == 1 + rows * cols and sample["image_sizes"].tolist() == [list(size)]
+        assert len(scratch.image_features(sample["pixel_values"], sample["image_sizes"])) == cfg.image_tokens(size)
+
+
+def test_max_len_cuts_the_grown_sequence_where_an_uncut_one_would_be_cut(tok, scratch):
+    images = [photo(40, 90), photo(300, 500)]
+    full = encode_sample(record(2), images, tok, scratch.cfg, "vicuna_v1", None, "pad")
+    cut = encode_sample(record(2), images, tok, scratch.cfg, "vicuna_v1", len(full["input_ids"]) - 2, "pad")
+    assert torch.equal(cut["input_ids"], full["input_ids"][:-2]) and torch.equal(cut["labels"], full["labels"][:-2])
+    with pytest.raises(TooLong):
+        encode_sample(record(2), images, tok, scratch.cfg, "vicuna_v1", scratch.cfg.image_tokens((40, 90)) + 5, "pad")
+
+
+@torch.no_grad()
+def test_packed_rows_of_mixed_sizes_have_the_loss_of_padded_rows(tok, scratch):
+    sizes = [[(40, 90)], [(300, 500), (37, 53)], [(90, 40)], [(7, 11)]]  # one record holds two images
+    samples = [encode_sample(record(len(s), k), [photo(*hw, seed=k) for hw in s], tok, scratch.cfg, "vicuna_v1",
+                             None, "pad") for k, s in enumerate(sizes)]
+    plain = collate(samples, tok.pad_id)
+    packed = collate(samples, tok.pad_id, pack_len=2 * max(len(s["input_ids"]) for s in samples))
+    assert packed["input_ids"].shape[0] < plain["input_ids"].shape[0]
+    losses = [scratch(b["input_ids"], b["pixel_values"], labels=b["labels"], segment_ids=b["segment_ids"],
+                      image_sizes=b["image_sizes"], num_tokens=b["num_tokens"])[1] for b in (plain, packed)]
+    assert rel_err(losses[1], losses[0]) < 1e-5
