@@ -16,7 +16,7 @@ import torch
 
 from data import DataError, ShapesWorld, clean_record, load_image, preprocess, read_records, skip_report
 from model import VLM
-from tokenizer import IMAGE, Tokenizer, build_prompt, tokenize_prompt
+from tokenizer import IMAGE, TEMPLATES, Tokenizer, build_prompt, encode_prompt, load_tokenizer
 
 ARTICLES = {"a", "an", "the"}
 NUMBERS = {w: str(i) for i, w in enumerate(
@@ -64,7 +64,7 @@ def shapes_records(n: int, world: ShapesWorld) -> list[dict]:
 def shapes_scores(ckpt_dir, n: int) -> tuple[dict, dict]:
     """(normal, blind) results on n held-out ShapesWorld questions, with each image, then with zeros instead:
     the test of the main job and of experiments.py. A model that looks at the image loses accuracy blind."""
-    model, tokenizer = VLM.from_pretrained(ckpt_dir), Tokenizer(Path(ckpt_dir) / "tokenizer.model")
+    model, tokenizer = VLM.from_pretrained(ckpt_dir), load_tokenizer(ckpt_dir)
     records = shapes_records(n, checkpoint_world(ckpt_dir, model.cfg.vision.image_size, n))
     return evaluate_qa(model, tokenizer, records), evaluate_qa(model, tokenizer, records, blind=True)
 
@@ -92,13 +92,14 @@ def file_records(path, image_folder) -> tuple[list[dict], dict[int, str], int]:
     return records, skipped, len(raw)
 
 
-def question_prompt(conversations: list[dict], template: str, suffix: str | None) -> tuple[str, str, str]:
-    """-> (prompt ending in "ASSISTANT:", the question, the reference answer): the last gpt turn is the answer."""
+def question_prompt(conversations: list[dict], template: str, suffix: str | None,
+                    tokenizer: Tokenizer | None = None) -> tuple[str, str, str]:
+    """-> (prompt ready for the answer, the question, the reference answer): the last gpt turn is the answer."""
     *context, reference = conversations
     question = context[-1]["value"]
     if suffix:
         context = context[:-1] + [{"from": context[-1]["from"], "value": f"{question}\n{suffix}"}]
-    return build_prompt(context, template), question.replace(IMAGE, "").strip(), reference["value"]
+    return build_prompt(context, template, tokenizer), question.replace(IMAGE, "").strip(), reference["value"]
 
 
 # ----------------------------------------------------------------------------- scoring
@@ -116,8 +117,9 @@ def evaluate_qa(model: VLM, tokenizer: Tokenizer, records: list[dict], batch_siz
     predictions = []
     for start in range(0, len(records), batch_size):
         batch = records[start:start + batch_size]
-        prompts = [question_prompt(r["conversations"], template or cfg.template, prompt_suffix) for r in batch]
-        ids = [tokenize_prompt(tokenizer, p, cfg.image_token_id, cfg.num_image_tokens) for p, _, _ in prompts]
+        template = template or cfg.template
+        prompts = [question_prompt(r["conversations"], template, prompt_suffix, tokenizer) for r in batch]
+        ids = [encode_prompt(tokenizer, p, template, cfg.image_token_id, cfg.num_image_tokens) for p, _, _ in prompts]
         T = max(map(len, ids))
         input_ids = torch.full((len(ids), T), tokenizer.pad_id, dtype=torch.long)
         attention_mask = torch.zeros((len(ids), T), dtype=torch.bool)
@@ -131,11 +133,9 @@ def evaluate_qa(model: VLM, tokenizer: Tokenizer, records: list[dict], batch_siz
         if pixel_values is not None:
             pixel_values = pixel_values.to(device)
         new_tokens = model.generate(input_ids.to(device), pixel_values, max_new_tokens=max_new_tokens,
-                                    eos_id=tokenizer.eos_id, attention_mask=attention_mask.to(device))
+                                    eos_id=tokenizer.stop_ids, attention_mask=attention_mask.to(device))
         for record, (_, question, reference), tokens in zip(batch, prompts, new_tokens.tolist(), strict=True):
-            if tokenizer.eos_id in tokens:
-                tokens = tokens[:tokens.index(tokenizer.eos_id)]
-            answer = tokenizer.decode(tokens).strip()
+            answer = tokenizer.decode(tokenizer.until_stop(tokens)).strip()
             prediction = {"id": record["id"], "category": record.get("category", "all"), "question": question,
                           "reference": reference, "prediction": answer,
                           "correct": normalize(answer) == normalize(reference)}
@@ -190,7 +190,8 @@ def load_checkpoint(ckpt_dir, device) -> tuple[VLM, Tokenizer]:
     """The model and its tokenizer, or SystemExit with one line naming the file."""
     try:
         model = VLM.from_pretrained(ckpt_dir, device=device)
-        tokenizer = Tokenizer(Path(ckpt_dir) / "tokenizer.model")
+        tokenizer = load_tokenizer(ckpt_dir)
+        tokenizer.check_fits(model.cfg.lm.vocab_size)
     except (FileNotFoundError, ValueError, KeyError, OSError) as err:
         raise SystemExit(f"error: {err}") from None
     return model.eval(), tokenizer
@@ -200,14 +201,15 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--checkpoint", default="out/finetune", help="checkpoint dir (config.json, "
-                        "model.safetensors, tokenizer.model)")
+                        "model.safetensors, tokenizer.json or tokenizer.model)")
     parser.add_argument("--data", help="LLaVA-format QA records (.json or .jsonl); the last gpt turn is the answer")
     parser.add_argument("--image-folder", help="image paths in --data are relative to this (default: its folder)")
     parser.add_argument("--shapes", type=int, metavar="N", help="instead of --data: N held-out ShapesWorld questions")
     parser.add_argument("--blind", action="store_true", help="replace every image with zeros (the ablation)")
     parser.add_argument("--prompt-suffix", help='appended to the question on a new line, e.g. "Answer the '
                         'question using a single word or phrase."')
-    parser.add_argument("--template", help="chat template (default: the one the checkpoint was finetuned with)")
+    parser.add_argument("--template", choices=TEMPLATES,
+                        help="chat template (default: the one the checkpoint was finetuned with)")
     parser.add_argument("--batch-size", type=int, default=64, help="questions decoded together")
     parser.add_argument("--max-new-tokens", type=int, default=16, help="longest answer generated")
     parser.add_argument("--predictions", help="where to write predictions.jsonl (default: inside --checkpoint)")

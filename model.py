@@ -7,7 +7,6 @@ decoder-only LM. This file also holds the presets, the loss, generation and chec
 
 import dataclasses
 import json
-import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -305,7 +304,7 @@ class VLM(nn.Module):
     @torch.inference_mode()
     def generate(self, input_ids, pixel_values=None, max_new_tokens=64, temperature=0.0, top_p=1.0, top_k=None,
                  eos_id=None, attention_mask=None, generator=None, state=None, image_sizes=None):
-        """-> new tokens (B, <= max_new_tokens). Rows that hit eos_id are filled with eos_id after it."""
+        """-> new tokens (B, <= max_new_tokens). Rows that hit a stop id are filled with eos_id after it."""
         steps = list(self.stream(input_ids, pixel_values, max_new_tokens, temperature, top_p, top_k, eos_id,
                                  attention_mask, generator, state, image_sizes))
         return torch.stack(steps, dim=1) if steps else input_ids.new_empty(input_ids.size(0), 0)
@@ -319,7 +318,8 @@ class VLM(nn.Module):
         Padding in `attention_mask` may be on either side: rows are left-aligned first. With a `state` from
         new_state(), input_ids continue the conversation already in its cache (a chat's next turn prefills
         only its new tokens). The cache then holds everything except the last yielded token: start the next
-        input_ids with it.
+        input_ids with it. eos_id: one id or several (a tokenizer's stop_ids: eos and the end-of-turn token);
+        a row that emits one of them is done, and yields the first of them from then on.
         """
         B, T = input_ids.shape
         if attention_mask is None:
@@ -338,6 +338,8 @@ class VLM(nn.Module):
         state.positions = state.positions + attention_mask.sum(1, keepdim=True)  # (B, 1) the next token's
         state.length = start + T
         done = torch.zeros(B, dtype=torch.bool, device=x.device)
+        stops = torch.tensor([] if eos_id is None else [eos_id] if isinstance(eos_id, int) else list(eos_id),
+                             dtype=torch.long, device=x.device)
         # MKL's fp32 one-row product reads a (C, V) copy of the head ~3x faster than the (V, C) weight; the copy
         # is repaid within ~5 tokens. GPUs read both layouts alike (and CUDA graphs want the parameter itself).
         head_t, weight = None, self.lm.head.weight
@@ -350,9 +352,9 @@ class VLM(nn.Module):
             for i in range(max_new_tokens):
                 logits[:, self.cfg.image_token_id] = float("-inf")  # never emit a placeholder
                 token = sample(logits, temperature, top_k, top_p, generator)
-                if eos_id is not None:
-                    token = token.masked_fill(done, eos_id)
-                    done |= token == eos_id
+                if len(stops):
+                    token = token.masked_fill(done, stops[0])
+                    done |= torch.isin(token, stops)
                 yield token
                 if done.all() or i == max_new_tokens - 1:
                     break
@@ -398,8 +400,8 @@ class VLM(nn.Module):
 
     # ------------------------------------------------------------------------- checkpoints
 
-    def save_pretrained(self, out_dir, tokenizer_path=None):
-        """Write config.json, model.safetensors and (if given) tokenizer.model into out_dir."""
+    def save_pretrained(self, out_dir, tokenizer=None):
+        """Write config.json, model.safetensors and (if given) the tokenizer's files (tokenizer.Tokenizer.save)."""
         if any(isinstance(m, LoRALinear) for m in self.modules()):
             raise ValueError("the model still has LoRA adapters: call lora.merge_lora(model) before saving")
         out = Path(out_dir)
@@ -407,8 +409,8 @@ class VLM(nn.Module):
         (out / "config.json").write_text(json.dumps(self.cfg.to_dict(), indent=2) + "\n")
         state = {k: v.contiguous() for k, v in self.state_dict().items() if k not in self.tied_keys()}
         save_file(state, out / "model.safetensors", metadata={"format": "pt"})
-        if tokenizer_path is not None and Path(tokenizer_path).resolve() != (out / "tokenizer.model").resolve():
-            shutil.copyfile(tokenizer_path, out / "tokenizer.model")
+        if tokenizer is not None:
+            tokenizer.save(out)
 
     @classmethod
     def from_pretrained(cls, ckpt_dir, device=None, dtype=None) -> "VLM":

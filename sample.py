@@ -6,7 +6,8 @@
     python sample.py --image photo.jpg --attention-map attn.png         # + attn_tokens.png, one map per word
 
 Decoding follows LLaVA's: the prompt goes through the checkpoint's chat template, each `<image>` becomes a block
-of placeholder tokens, and tokens are decoded one by one from a KV cache until "</s>". --compile compiles the
+of placeholder tokens, and tokens are decoded one by one from a KV cache until a stop token (eos, or the template's
+end of turn such as <|im_end|>). Without --image the prompt is text only. --compile compiles the
 one-token step over a static cache (gpt-fast); --attention-map re-reads prompt + answer once with explicit
 attention weights, so ordinary generation never pays for them.
 """
@@ -23,7 +24,19 @@ from safetensors import SafetensorError
 
 from data import DataError, load_image, preprocess
 from model import VLM
-from tokenizer import IMAGE, Tokenizer, build_prompt, template_pieces, tokenize_prompt
+from tokenizer import (
+    IMAGE,
+    OWN_BOS,
+    TEMPLATES,
+    TextStream,
+    Tokenizer,
+    build_prompt,
+    end_of_turn_id,
+    load_tokenizer,
+    template_kw,
+    template_pieces,
+    tokenize_prompt,
+)
 
 DEFAULT_PROMPT = "Describe the image."
 
@@ -37,7 +50,8 @@ def load(checkpoint, device, dtype) -> tuple[VLM, Tokenizer]:
         raise SystemExit(f"error: {checkpoint}: no such checkpoint directory (python train.py writes out/finetune)")
     try:
         model = VLM.from_pretrained(checkpoint, device=device, dtype=dtype).eval()
-        tokenizer = Tokenizer(Path(checkpoint) / "tokenizer.model")
+        tokenizer = load_tokenizer(checkpoint)
+        tokenizer.check_fits(model.cfg.lm.vocab_size)
     except (FileNotFoundError, ValueError, KeyError, SafetensorError) as err:
         message = err.args[0] if isinstance(err, KeyError) and err.args else err  # str(KeyError) adds quotes
         if isinstance(err, SafetensorError):
@@ -72,41 +86,18 @@ def with_image_tags(prompt: str, num_images: int) -> str:
     return prompt
 
 
-def encode(tokenizer: Tokenizer, model: VLM, text: str, bos=True) -> list[int]:
+def encode(tokenizer: Tokenizer, model: VLM, text: str, template: str, first=True) -> list[int]:
+    """Prompt text to ids; a conversation's first piece starts with bos, unless the template writes its own."""
+    bos = first and template not in OWN_BOS
     return tokenize_prompt(tokenizer, text, model.cfg.image_token_id, model.cfg.num_image_tokens, bos=bos)
 
 
-# ----------------------------------------------------------------------------- streaming text
-
-
-class TextStream:
-    """Turns tokens into printable text as they arrive. Each token is decoded together with the ones before
-    it (sentencepiece drops the leading space of a text, and byte-fallback pieces only make a character
-    together), and text that ends in half a character is held back until it is whole."""
-
-    def __init__(self, tokenizer: Tokenizer):
-        self.tokenizer, self.ids, self.printed = tokenizer, [], ""
-
-    def push(self, token: int) -> str:
-        self.ids.append(token)
-        text = self.tokenizer.decode(self.ids)
-        if text.endswith("\ufffd") or not text.startswith(self.printed):
-            return ""
-        new, self.printed = text[len(self.printed):], text
-        return new
-
-    def flush(self) -> str:
-        text = self.tokenizer.decode(self.ids)
-        new, self.printed = text[len(self.printed):] if text.startswith(self.printed) else "", text
-        return new
+# ----------------------------------------------------------------------------- answers
 
 
 def answer_text(tokenizer: Tokenizer, tokens) -> str:
-    """Decoded tokens up to (not including) the first end-of-sequence."""
-    tokens = list(tokens)
-    if tokenizer.eos_id in tokens:
-        tokens = tokens[: tokens.index(tokenizer.eos_id)]
-    return tokenizer.decode(tokens)
+    """Decoded tokens up to (not including) the first stop token."""
+    return tokenizer.decode(tokenizer.until_stop(tokens))
 
 
 # ----------------------------------------------------------------------------- one prompt
@@ -137,9 +128,9 @@ def generate(model: VLM, tokenizer: Tokenizer, input_ids: list[int], px, args, o
     state = model.new_state(args.num_samples) if args.compile else None  # the whole context: one static shape
     stream = TextStream(tokenizer) if args.num_samples == 1 else None
     steps = []
-    for token in model.stream(ids, px, eos_id=tokenizer.eos_id, state=state, **kw):
+    for token in model.stream(ids, px, eos_id=tokenizer.stop_ids, state=state, **kw):
         steps.append(token)
-        if stream is not None and int(token[0]) != tokenizer.eos_id:
+        if stream is not None and int(token[0]) not in tokenizer.stop_ids:
             print(stream.push(int(token[0])), end="", file=out, flush=True)
     tokens = torch.stack(steps, dim=1) if steps else ids.new_empty(args.num_samples, 0)
     if stream is not None:
@@ -154,16 +145,17 @@ def generate(model: VLM, tokenizer: Tokenizer, input_ids: list[int], px, args, o
 
 
 class Chat:
-    """A vicuna_v1 conversation whose KV cache persists across turns: each turn prefills only its new tokens.
+    """A conversation whose KV cache persists across turns: each turn prefills only its new tokens.
 
-    The cache holds everything but the last generated token, so the next turn starts with that token, then
-    "</s>" if the answer did not end with it, then the new "USER: ... ASSISTANT:" piece.
+    The cache holds everything but the last generated token, so the next turn starts with that token, then the
+    template's end of turn ("</s>", <|im_end|>, ...) if the answer did not end with it, then the template's
+    pieces that follow the answer ("USER: ... ASSISTANT:"). template: None = the checkpoint's own.
     """
 
-    template = "vicuna_v1"
-
-    def __init__(self, model: VLM, tokenizer: Tokenizer, images: list[Image.Image], **decode_kw):
+    def __init__(self, model: VLM, tokenizer: Tokenizer, images: list[Image.Image], template: str | None = None,
+                 **decode_kw):
         self.model, self.tokenizer, self.decode_kw = model, tokenizer, decode_kw
+        self.template = template or model.cfg.template
         self.state = model.new_state(1)  # the LM's whole context, allocated once
         self.images = images
         self.reset()
@@ -180,8 +172,10 @@ class Chat:
         first = not self.messages
         value = with_image_tags(question, len(self.images)) if first else question
         self.messages.append({"from": "human", "value": value})
-        piece, _ = template_pieces(self.messages, self.template)[-1]
-        new_ids = self.pending + encode(self.tokenizer, self.model, piece, bos=first)
+        pieces = template_pieces(self.messages, self.template, **template_kw(self.tokenizer, self.template))
+        answered = max((k for k, (_, supervised) in enumerate(pieces) if supervised), default=-1)
+        text = "".join(piece for piece, _ in pieces[answered + 1:])  # the first turn: system and all
+        new_ids = self.pending + encode(self.tokenizer, self.model, text, self.template, first)
         room = self.state.valid.size(1) - self.state.length - len(new_ids)
         if room < 1:
             self.messages.pop()
@@ -193,15 +187,16 @@ class Chat:
         stream, tokens = TextStream(self.tokenizer), []
         if out is not None:
             print("ASSISTANT: ", end="", file=out, flush=True)
-        for token in self.model.stream(torch.tensor([new_ids], device=device), px, eos_id=self.tokenizer.eos_id,
+        stops = self.tokenizer.stop_ids
+        for token in self.model.stream(torch.tensor([new_ids], device=device), px, eos_id=stops,
                                        state=self.state, **kw):
             tokens.append(int(token[0]))
-            if out is not None and tokens[-1] != self.tokenizer.eos_id:
+            if out is not None and tokens[-1] not in stops:
                 print(stream.push(tokens[-1]), end="", file=out, flush=True)
         if out is not None:
             print(stream.flush(), file=out, flush=True)
-        eos = self.tokenizer.eos_id
-        self.pending = tokens[-1:] + [eos] * (not tokens or tokens[-1] != eos)
+        end = end_of_turn_id(self.tokenizer, self.template)
+        self.pending = tokens[-1:] + [end] * (not tokens or tokens[-1] not in stops)
         answer = answer_text(self.tokenizer, tokens)
         self.messages.append({"from": "gpt", "value": answer})
         return answer
@@ -209,7 +204,7 @@ class Chat:
 
 def chat(model: VLM, tokenizer: Tokenizer, images: list[Image.Image], args):
     """The interactive loop: read questions from stdin until EOF; /image PATH and /reset start over."""
-    session = Chat(model, tokenizer, images, **decoding(args, model))
+    session = Chat(model, tokenizer, images, args.template, **decoding(args, model))
     print("chat: /image PATH starts over with a new image, /reset starts over, Ctrl-D quits", file=sys.stderr)
     while True:
         try:
@@ -292,10 +287,10 @@ def overlay(image: Image.Image, heat: np.ndarray, mode: str, width: int) -> Imag
 
 
 def words(tokenizer: Tokenizer, tokens: list[int]) -> list[tuple[str, list[int]]]:
-    """Group answer tokens into words: (text, indices); a sentencepiece piece starting with "▁" opens one."""
+    """Group answer tokens into words: (text, indices); a piece starting with a space ("▁", "Ġ") opens one."""
     groups = []
     for i, token in enumerate(tokens):
-        if not groups or tokenizer.sp.id_to_piece(token).startswith("\u2581"):
+        if not groups or tokenizer.starts_word(token):
             groups.append([])
         groups[-1].append(i)
     return [(tokenizer.decode([tokens[i] for i in g]).strip(), g) for g in groups]
@@ -305,7 +300,7 @@ def write_attention_map(path, model: VLM, tokenizer: Tokenizer, input_ids, px, i
                         width=512, tile=96, per_row=8) -> list[Path]:
     """path: each image under the answer's mean attention (image k > 1 goes to path_k.png), with the image's
     aspect ratio; path_tokens.png: one small map per answer word and image."""
-    answer = answer[: answer.index(tokenizer.eos_id)] if tokenizer.eos_id in answer else answer
+    answer = tokenizer.until_stop(answer)
     if not answer:
         raise SystemExit("error: the answer is empty, so there is no attention to draw")
     heat = attention_to_images(model, input_ids, px, answer, layers).numpy()  # (n, n_images, g, g)
@@ -363,10 +358,11 @@ def main(argv=None):
         raise SystemExit("error: --attention-map draws one answer: use it with --num-samples 1")
     template = args.template or model.cfg.template
     try:
-        prompt = build_prompt([{"from": "human", "value": with_image_tags(args.prompt, len(images))}], template)
+        prompt = build_prompt([{"from": "human", "value": with_image_tags(args.prompt, len(images))}], template,
+                              tokenizer)
     except ValueError as err:
         raise SystemExit(f"error: {err}") from None
-    input_ids = encode(tokenizer, model, prompt)
+    input_ids = encode(tokenizer, model, prompt, template)
     px = pixels(model, images)
     tokens = generate(model, tokenizer, input_ids, px, args)
     if args.attention_map:
@@ -382,11 +378,11 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--checkpoint", default="out/finetune",
-                   help="checkpoint dir with config.json, model.safetensors and tokenizer.model")
+                   help="checkpoint dir with config.json, model.safetensors and tokenizer.json or tokenizer.model")
     p.add_argument("--image", action="append", default=[], metavar="PATH",
                    help="an image; repeat for several images in one prompt (placed at the <image> tags, or first)")
     p.add_argument("--prompt", default=DEFAULT_PROMPT, help="the question; may hold one <image> tag per --image")
-    p.add_argument("--template", choices=["plain", "vicuna_v1"], default=None,
+    p.add_argument("--template", choices=TEMPLATES, default=None,
                    help="chat template; None = the checkpoint's own (the one it was finetuned with)")
     p.add_argument("--max-new-tokens", type=int, default=256, help="longest answer, in tokens")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy; higher = more random")
@@ -396,7 +392,8 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=0, help="random seed for sampling")
     p.add_argument("--num-samples", type=int, default=1, help="answers to draw, decoded together as one batch")
     p.add_argument("--chat", action="store_true",
-                   help="interactive vicuna_v1 chat; the image and the KV cache persist across turns")
+                   help="interactive chat in the checkpoint's template (or --template); the image (if any) and "
+                   "the KV cache persist across turns")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ...; None = cuda if available, else cpu")
     p.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto",
                    help="weight dtype; auto = bfloat16 on CUDA, float32 on CPU")

@@ -39,7 +39,7 @@ from data import DataError, GlobalBatchSampler, LlavaDataset, ShapesDataset, Sha
 from eval import category_table, evaluate_qa, shapes_records, shapes_scores, write_predictions
 from lora import apply_lora, lora_state_dict, merge_lora
 from model import PRESETS, VLM, VLMConfig, preset, tiny_config
-from tokenizer import Tokenizer, train_tokenizer
+from tokenizer import TEMPLATES, Tokenizer, load_tokenizer, train_tokenizer
 
 PARTS = ("vision", "projector", "lm")
 
@@ -165,7 +165,8 @@ def configure(cfg: VLMConfig, sets: dict) -> VLMConfig:
 
 
 def init_model(args, out: Path, d: Dist) -> tuple[VLM, Path, dict]:
-    """-> (model, tokenizer path, facts about the init). A preset starts from scratch with a new tokenizer."""
+    """-> (model, where its tokenizer is, facts about the init). A preset starts from scratch with a new
+    sentencepiece tokenizer; a checkpoint brings its own (tokenizer.json or tokenizer.model)."""
     if args.init in PRESETS:
         tokenizer_path = out / "tokenizer.model"
         if d.master and not (args.resume and tokenizer_path.is_file()):
@@ -176,7 +177,7 @@ def init_model(args, out: Path, d: Dist) -> tuple[VLM, Path, dict]:
                 raise SystemExit(f"error: the tokenizer has {tokenizer.vocab_size} ids, but {args.init} reserves "
                                  f"id {cfg.image_token_id} for images")
         barrier(d)
-        vocab = Tokenizer(tokenizer_path).vocab_size
+        vocab = load_tokenizer(tokenizer_path).vocab_size
         cfg = configure(tiny_config(vocab) if args.init == "tiny" else preset(args.init), args.model_sets)
         torch.manual_seed(args.seed)  # the initial weights are a function of the seed: resume rebuilds them
         model = VLM(cfg)
@@ -189,11 +190,8 @@ def init_model(args, out: Path, d: Dist) -> tuple[VLM, Path, dict]:
     if configure(model.cfg, args.model_sets) != model.cfg:  # the main job's finetune repeats pretrain's --set
         raise SystemExit(f"error: --set {' '.join(args.model_sets)}: a checkpoint's model keeps its config; "
                          "model fields can only be set with a preset --init")
-    tokenizer_path = init / "tokenizer.model"
-    if not tokenizer_path.is_file():
-        raise SystemExit(f"error: {tokenizer_path}: not found; a checkpoint used for training needs its tokenizer")
     info = json.loads((init / "training.json").read_text()) if (init / "training.json").is_file() else {}
-    return model, tokenizer_path, {"init": str(init.resolve()), "from_scratch": info.get("from_scratch", False)}
+    return model, init, {"init": str(init.resolve()), "from_scratch": info.get("from_scratch", False)}
 
 
 def choose_trainable(args, from_scratch: bool) -> list[str]:
@@ -516,14 +514,14 @@ def load_checkpoint(path: Path, model: VLM, optimizer, scheduler, scaler, args) 
     return state["step"], state["skipped"]
 
 
-def save_final(out: Path, model: VLM, tokenizer_path: Path, args, init_info: dict):
-    """OUT/ as a standalone checkpoint: config.json, model.safetensors, tokenizer.model (+ projector, adapter)."""
+def save_final(out: Path, model: VLM, tokenizer: Tokenizer, args, init_info: dict):
+    """OUT/ as a standalone checkpoint: config.json, model.safetensors, the tokenizer (+ projector, adapter)."""
     if args.lora_rank:
         save_file({k: v.contiguous() for k, v in lora_state_dict(model).items()}, out / "adapter.safetensors")
         merge_lora(model.lm)
     if args.stage == "finetune":
         model.cfg = dataclasses.replace(model.cfg, template=args.template)  # what sample.py will prompt with
-    model.save_pretrained(out, tokenizer_path)
+    model.save_pretrained(out, tokenizer)
     if args.stage == "pretrain":  # like LLaVA's mm_projector.bin: enough to start a finetune from the init
         save_file({k: v.contiguous() for k, v in model.state_dict().items() if k.startswith("projector.")},
                   out / "projector.safetensors")
@@ -567,7 +565,6 @@ def train(args) -> Path:
     """One stage. -> the output directory, a standalone checkpoint."""
     d = setup_distributed(args.device)
     out = Path(args.out or f"out/{args.stage}")
-    args.template = args.template or ("plain" if args.stage == "pretrain" else "vicuna_v1")
     args.global_batch = args.batch_size * args.grad_accum * d.world_size
     if args.fsdp and (d.world_size == 1 or args.lora_rank or args.resume):
         raise SystemExit("error: --fsdp needs torchrun with 2+ processes, and supports neither LoRA nor --resume")
@@ -579,7 +576,11 @@ def train(args) -> Path:
         torch.backends.cudnn.allow_tf32 = args.tf32
 
     model, tokenizer_path, init_info = init_model(args, out, d)
-    tokenizer = Tokenizer(tokenizer_path)
+    try:
+        tokenizer = load_tokenizer(tokenizer_path)
+    except (OSError, ValueError) as err:
+        raise SystemExit(f"error: {err}") from None
+    args.template = args.template or ("plain" if args.stage == "pretrain" else model.cfg.template)
     parts = choose_trainable(args, init_info["from_scratch"])
     set_trainable(model, parts, args)
     model.to(d.device)
@@ -689,7 +690,7 @@ def train(args) -> Path:
         if d.master:
             model.load_checked({k: v for k, v in state.items() if k not in model.tied_keys()})
     if d.master:
-        save_final(out, model, tokenizer_path, args, init_info)
+        save_final(out, model, tokenizer, args, init_info)
         elapsed = time.time() - t_start
         print(f"stage {args.stage} done: {step} steps in {elapsed / 60:.1f} min, {tokens_seen * d.world_size:,} tokens"
               + (f", held-out accuracy {last_eval['eval_accuracy']:.3f}" if last_eval else ""))
@@ -697,7 +698,7 @@ def train(args) -> Path:
             print(skip_report(skipped, getattr(dataset, "num_records", num_samples)))
         elif skipped:
             print(f"skipped {len(skipped)} samples")
-        print(f"  model: {out}/ (config.json, model.safetensors, tokenizer.model"
+        print(f"  model: {out}/ (config.json, model.safetensors, {tokenizer.path.name}"
               + (", projector.safetensors" if args.stage == "pretrain" else "")
               + (", adapter.safetensors" if args.lora_rank else "") + f"), checkpoints in {out / 'checkpoints'}")
     barrier(d)
@@ -844,8 +845,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    "questions (finetune)")
     p.add_argument("--image-folder", help="image paths in --data are relative to this (default: its folder)")
     p.add_argument("--out", help="output dir (default: out/<stage>; the main job: out/)")
-    p.add_argument("--template", choices=("plain", "vicuna_v1"), help="default: plain for pretrain, vicuna_v1 "
-                   "for finetune")
+    p.add_argument("--template", choices=TEMPLATES, help="default: plain for pretrain; for finetune the "
+                   "--init checkpoint's own (vicuna_v1 from scratch, chatml for SmolLM2, llama3 for Llama-3)")
     p.add_argument("--max-len", type=int, help="longest sample in tokens (default: the LM's max_seq_len)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="repeatable. With a preset --init, change a model field: vision.patch_size=16, "

@@ -16,7 +16,7 @@ from data import ShapesDataset, ShapesWorld, collate, load_image
 from llama import LlamaConfig
 from model import VLM, VLMConfig
 from projector import ProjectorConfig
-from tokenizer import Tokenizer, build_prompt, tokenize_prompt, train_tokenizer
+from tokenizer import build_prompt, load_tokenizer, tokenize_prompt, train_tokenizer
 from vit import ViTConfig
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -58,7 +58,7 @@ def trained(one_thread, tmp_path_factory):
         optimizer.step()
         optimizer.zero_grad()
     assert loss.item() < 1.5, "the fixture model did not learn"
-    model.eval().save_pretrained(out / "ckpt", tokenizer_path=out / "tokenizer.model")
+    model.eval().save_pretrained(out / "ckpt", tokenizer)
     images = []
     for i in range(2):
         images.append(out / f"scene{i}.png")
@@ -67,7 +67,7 @@ def trained(one_thread, tmp_path_factory):
     wide.paste(Image.open(images[0]), (16, 0))
     wide.save(out / "wide.png")
     return {"dir": out / "ckpt", "model": VLM.from_pretrained(out / "ckpt").eval(),
-            "tokenizer": Tokenizer(out / "ckpt" / "tokenizer.model"), "images": images, "wide": out / "wide.png"}
+            "tokenizer": load_tokenizer(out / "ckpt"), "images": images, "wide": out / "wide.png"}
 
 
 def run_cli(capsys, *argv) -> str:
@@ -188,7 +188,7 @@ def test_chat_second_turn_equals_one_shot_and_prefills_only_new_tokens(trained, 
     a1 = chat.ask(q1)
     prefilled = []
     embed = model.embed
-    monkeypatch.setattr(model, "embed", lambda ids, px=None: prefilled.append(ids.size(1)) or embed(ids, px))
+    monkeypatch.setattr(model, "embed", lambda ids, *rest: prefilled.append(ids.size(1)) or embed(ids, *rest))
     a2 = chat.ask(q2)
     messages = [{"from": "human", "value": "<image>\n" + q1}, {"from": "gpt", "value": a1},
                 {"from": "human", "value": q2}]

@@ -13,7 +13,7 @@ import sentencepiece as spm
 from tokenizer import (
     IGNORE,
     SYSTEM,
-    Tokenizer,
+    SentencePieceTokenizer,
     TooLong,
     build_prompt,
     encode_conversation,
@@ -155,19 +155,19 @@ def test_vocab_size_below_the_byte_pieces_names_the_minimum(tmp_path):
 
 def test_unreadable_tokenizer_file_is_named(tmp_path):
     with pytest.raises(FileNotFoundError, match="nothere.model: no such tokenizer file"):
-        Tokenizer(tmp_path / "nothere.model")
+        SentencePieceTokenizer(tmp_path / "nothere.model")
     (tmp_path / "junk.model").write_text("not a model")
     with pytest.raises(ValueError, match="junk.model: not a sentencepiece model"):
-        Tokenizer(tmp_path / "junk.model")
+        SentencePieceTokenizer(tmp_path / "junk.model")
 
 
 def test_pad_falls_back_to_unk_like_llama(tmp_path):
     # Llama's tokenizer.model has no pad piece (pad_id -1)
     spm.SentencePieceTrainer.train(sentence_iterator=iter(corpus(50)), model_prefix=str(tmp_path / "llama"),
                                    vocab_size=300, byte_fallback=True, pad_id=-1, minloglevel=2)
-    tok = Tokenizer(tmp_path / "llama.model")
+    tok = SentencePieceTokenizer(tmp_path / "llama.model")
     assert (tok.unk_id, tok.bos_id, tok.eos_id, tok.pad_id) == (0, 1, 2, 0)
-    assert tok.path == str(tmp_path / "llama.model")
+    assert tok.path == tmp_path / "llama.model"
 
 
 def test_decode_names_an_id_outside_the_vocabulary(tok):
@@ -198,10 +198,12 @@ def test_plain_prompt_is_image_then_caption_then_newline():
 
 
 def test_templates_reject_unknown_names_and_roles():
-    with pytest.raises(ValueError, match="unknown template 'llama3'"):
-        build_prompt(turns("hi"), "llama3")
-    with pytest.raises(ValueError, match="unknown role 'system'"):
-        build_prompt([{"from": "system", "value": "hi"}])
+    with pytest.raises(ValueError, match="unknown template 'llama2'"):
+        build_prompt(turns("hi"), "llama2")
+    with pytest.raises(ValueError, match="unknown role 'narrator'"):
+        build_prompt([{"from": "narrator", "value": "hi"}])
+    with pytest.raises(ValueError, match="a system turn can only come first"):
+        build_prompt(turns("hi") + [{"from": "system", "value": "hi"}])
     with pytest.raises(ValueError, match="must start with a human turn"):
         build_prompt([{"from": "gpt", "value": "hi"}])
     user = [{"from": "user", "value": "hi"}, {"from": "assistant", "value": "yes"}]
