@@ -20,6 +20,7 @@ import anyres
 from llama import SDPA_HAS_GQA, Llama, LlamaConfig, rope_frequencies
 from lora import LoRALinear
 from projector import Projector, ProjectorConfig
+from quantize import quantize_int8
 from vit import VisionTransformer, ViTConfig, siglip_config
 
 if SDPA_HAS_GQA:  # torch >= 2.5
@@ -38,8 +39,10 @@ class VLMConfig:
     drop_cls: bool = True  # LLaVA's "default" strategy drops the CLS token; "full" keeps it
     image_mode: str = "pad"  # LLaVA-1.5 pads images to square; "crop" centre-crops like CLIP
     template: str = "vicuna_v1"  # the chat template the model was (or will be) finetuned with
+    quantize: str | None = None  # "int8": the LM's linear layers hold int8 weights, 4x fewer bytes per token
     grid_pinpoints: list = field(default_factory=list)  # anyres (LLaVA-NeXT): [h, w] canvases to tile; [] = off
     anyres_max: int = 0  # OneVision's anyres_max_N: shrink a tiled map above N tiles' tokens; 0 = never
+    video_token_id: int | None = None  # OneVision: the placeholder of a video's frames; None = no video input
 
     def __post_init__(self):
         if not 0 <= self.image_token_id < self.lm.vocab_size:
@@ -48,11 +51,15 @@ class VLMConfig:
             raise ValueError("drop_cls=True, but the vision tower has no class token")
         if self.projector.kind == "pixel_shuffle" and self.vision.class_token and not self.drop_cls:
             raise ValueError("pixel_shuffle needs a square patch grid: set drop_cls=True")
+        if self.quantize not in (None, "int8"):
+            raise ValueError(f"unsupported quantize {self.quantize!r} (None or 'int8')")
         if self.grid_pinpoints:
             anyres.check_pinpoints(self.grid_pinpoints, self.vision.image_size)
             if self.num_image_tokens != self.vision.num_patches:
                 raise ValueError("anyres lays tiles' patch grids side by side: it needs one token per patch "
                                  "(no pixel_shuffle, and drop_cls=True with a class token)")
+        elif self.anyres_max or self.video_token_id is not None:
+            raise ValueError("anyres_max and video_token_id (OneVision) need anyres: set grid_pinpoints")
 
     @property
     def num_image_tokens(self) -> int:
@@ -68,6 +75,10 @@ class VLMConfig:
         if size is None:
             raise ValueError("with anyres (grid_pinpoints), an image's token count needs its (height, width)")
         return anyres.num_tokens(size, self.grid_pinpoints, self.vision.image_size, self.vision.grid, self.anyres_max)
+
+    def video_tokens(self, frames: int) -> int:
+        """Placeholder tokens for a video of `frames` frames (OneVision: 2x2-pooled frames, then one newline)."""
+        return anyres.video_tokens(frames, self.vision.grid)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -221,6 +232,8 @@ class VLM(nn.Module):
         self.vision = VisionTransformer(cfg.vision)
         self.projector = Projector(cfg.projector, cfg.vision.width, cfg.lm.dim)
         self.lm = Llama(cfg.lm)
+        if cfg.quantize == "int8":  # decoding reads only the LM's weights once per token; the ViT runs once
+            quantize_int8(self.lm)
         # anyres: a learned token that ends each row of a tiled feature map, so the LM can tell where rows break
         self.image_newline = nn.Parameter(torch.randn(cfg.lm.dim) * cfg.lm.dim**-0.5) if cfg.grid_pinpoints else None
         self.flex_packing = None  # packed rows: FlexAttention if True, an explicit mask if False; None = on CUDA
@@ -252,25 +265,52 @@ class VLM(nn.Module):
         return torch.cat([anyres.merge_tiles(f, s, self.cfg.grid_pinpoints, S, self.image_newline, self.cfg.anyres_max)
                           for f, s in zip(features.split(views), sizes, strict=True)])
 
-    def embed(self, input_ids, pixel_values=None, image_sizes=None):
-        """Token embeddings with each image's features spliced over its placeholder block: (B, T, C)."""
+    def video_features(self, videos):
+        """videos (V, F, 3, S, S) -> (V * video_tokens(F), C_lm), as LLaVA-OneVision encodes video: each frame
+        at base resolution, its feature map bilinearly pooled 2x2, the frames in turn, one newline at the end."""
+        V, F = videos.shape[:2]
+        frames = anyres.pool_frames(self.encode_images(videos.flatten(0, 1)))  # (V*F, P', C)
+        frames = frames.reshape(V, -1, frames.size(-1))  # (V, F*P', C)
+        return torch.cat([frames, self.image_newline.to(frames.dtype).expand(V, 1, -1)], dim=1).flatten(0, 1)
+
+    def embed(self, input_ids, pixel_values=None, image_sizes=None, videos=None):
+        """Token embeddings with each image's (and video's) features spliced over its placeholder block: (B, T, C)."""
         x = self.lm.tok_embed(input_ids)  # (B, T, C)
         is_image = input_ids == self.cfg.image_token_id  # (B, T)
         n_slots = int(is_image.sum())
         if pixel_values is None:
             if n_slots:
                 raise ValueError(f"input_ids hold {n_slots} image placeholder tokens but no pixel_values were given")
+        else:
+            image_features = self.image_features(pixel_values, image_sizes)  # (N_tokens, C)
+            if n_slots != len(image_features):
+                n_images = len(pixel_values) if image_sizes is None else len(image_sizes)
+                raise ValueError(f"input_ids hold {n_slots} image placeholder tokens, but {n_images} images give "
+                                 f"{len(image_features)} image features")
+            # masked_scatter fills the placeholders in row-major order: images in the order they appear.
+            x = x.masked_scatter(is_image[..., None], image_features.to(x.dtype))
+        return self.splice_videos(x, input_ids, videos)
+
+    def splice_videos(self, x, input_ids, videos):
+        """x (B, T, C) with each video's features over its video_token_id block, in the order they appear."""
+        if self.cfg.video_token_id is None:
+            if videos is not None:
+                raise ValueError("videos were given, but this model has no video placeholder (video_token_id)")
             return x
-        image_features = self.image_features(pixel_values, image_sizes)  # (N_tokens, C)
-        if n_slots != len(image_features):
-            n_images = len(pixel_values) if image_sizes is None else len(image_sizes)
-            raise ValueError(f"input_ids hold {n_slots} image placeholder tokens, but {n_images} images give "
-                             f"{len(image_features)} image features")
-        # masked_scatter fills the placeholders in row-major order: images in the order they appear.
-        return x.masked_scatter(is_image[..., None], image_features.to(x.dtype))
+        is_video = input_ids == self.cfg.video_token_id  # (B, T)
+        n_slots = int(is_video.sum())
+        if videos is None:
+            if n_slots:
+                raise ValueError(f"input_ids hold {n_slots} video placeholder tokens but no videos were given")
+            return x
+        features = self.video_features(videos)  # (V * tokens, C)
+        if n_slots != len(features):
+            raise ValueError(f"input_ids hold {n_slots} video placeholder tokens, but {len(videos)} videos give "
+                             f"{len(features)} video features")
+        return x.masked_scatter(is_video[..., None], features.to(x.dtype))
 
     def forward(self, input_ids, pixel_values=None, labels=None, num_tokens=None, attention_mask=None,
-                segment_ids=None, image_sizes=None):
+                segment_ids=None, image_sizes=None, videos=None):
         """-> (logits, loss). Without labels: logits (B, T, V) and loss None.
 
         attention_mask (B, T) marks real tokens (left padding allowed). segment_ids (B, T) marks packed
@@ -281,7 +321,7 @@ class VLM(nn.Module):
         and DDP average over the same tokens as one big batch. Only supervised positions reach the LM
         head, so most image and prompt positions never materialise vocab-sized logits.
         """
-        x = self.embed(input_ids, pixel_values, image_sizes)
+        x = self.embed(input_ids, pixel_values, image_sizes, videos)
         if segment_ids is not None:
             flex = self.flex_packing if self.flex_packing is not None else x.is_cuda and SDPA_HAS_GQA
             h = self.lm(x, *packed_positions_and_mask(segment_ids, flex))
@@ -303,15 +343,15 @@ class VLM(nn.Module):
 
     @torch.inference_mode()
     def generate(self, input_ids, pixel_values=None, max_new_tokens=64, temperature=0.0, top_p=1.0, top_k=None,
-                 eos_id=None, attention_mask=None, generator=None, state=None, image_sizes=None):
+                 eos_id=None, attention_mask=None, generator=None, state=None, image_sizes=None, videos=None):
         """-> new tokens (B, <= max_new_tokens). Rows that hit a stop id are filled with eos_id after it."""
         steps = list(self.stream(input_ids, pixel_values, max_new_tokens, temperature, top_p, top_k, eos_id,
-                                 attention_mask, generator, state, image_sizes))
+                                 attention_mask, generator, state, image_sizes, videos))
         return torch.stack(steps, dim=1) if steps else input_ids.new_empty(input_ids.size(0), 0)
 
     @torch.inference_mode()
     def stream(self, input_ids, pixel_values=None, max_new_tokens=64, temperature=0.0, top_p=1.0, top_k=None,
-               eos_id=None, attention_mask=None, generator=None, state=None, image_sizes=None):
+               eos_id=None, attention_mask=None, generator=None, state=None, image_sizes=None, videos=None):
         """Yield the next token of every row (B,) step by step; stops early once every row has ended.
 
         The prompt is prefilled in one pass into a preallocated KV cache; each later step feeds one token.
@@ -331,7 +371,7 @@ class VLM(nn.Module):
         if start + T + max_new_tokens > S:
             raise ValueError(f"{start} cached + {T} new + {max_new_tokens} generated tokens do not fit the "
                              f"KV cache of {S}")
-        x = self.embed(input_ids, pixel_values, image_sizes)
+        x = self.embed(input_ids, pixel_values, image_sizes, videos)
         slots = torch.arange(start, start + T, device=x.device)
         state.valid[:, start : start + T] = attention_mask
         positions = state.positions + (attention_mask.long().cumsum(1) - 1).clamp(min=0)  # (B, T)
@@ -433,8 +473,16 @@ class VLM(nn.Module):
         model.load_checked(state, source=ckpt / "model.safetensors")
         return model
 
+    def quantize_int8(self):
+        """Swap the LM's linear layers for int8 ones (quantize.py); the config records it, so a saved checkpoint
+        is rebuilt quantized and loads strictly."""
+        quantize_int8(self.lm)
+        self.cfg = dataclasses.replace(self.cfg, quantize="int8")
+        return self
+
     def tied_keys(self) -> set[str]:
-        return {"lm.head.weight"} if self.cfg.lm.tie_embeddings else set()
+        tied = self.cfg.lm.tie_embeddings and self.cfg.quantize is None  # an int8 head is its own copy
+        return {"lm.head.weight"} if tied else set()
 
     def load_checked(self, state: dict, source="state dict"):
         """Load every tensor by assignment, after checking that names and shapes match exactly.
@@ -460,6 +508,6 @@ class VLM(nn.Module):
         for k in self.tied_keys():
             state[k] = state["lm.tok_embed.weight"]
         self.load_state_dict(state, strict=True, assign=True)
-        if self.cfg.lm.tie_embeddings:
+        if self.tied_keys():
             self.lm.head.weight = self.lm.tok_embed.weight  # one Parameter again after assignment
         self.lm.inv_freq = rope_frequencies(self.cfg.lm).to(self.lm.tok_embed.weight.device)
