@@ -114,3 +114,17 @@ def check_pinpoints(pinpoints, tile: int):
         if len(pinpoint) != 2 or any(not isinstance(s, int) or s <= 0 or s % tile for s in pinpoint):
             raise ValueError(f"grid pinpoint {pinpoint}: expected [height, width], positive multiples of the "
                              f"tile size {tile}")
+
+
+def video_tokens(frames: int, grid: int) -> int:
+    """Placeholder tokens for a video (OneVision): each frame's grid pooled to ceil(grid / 2)^2, then one newline."""
+    return frames * math.ceil(grid / 2) ** 2 + 1
+
+
+def pool_frames(features):
+    """(N, grid^2, C) -> (N, ceil(grid/2)^2, C): OneVision's 2x2 bilinear pooling of each frame's feature map."""
+    N, P, C = features.shape
+    grid = math.isqrt(P)
+    x = features.view(N, grid, grid, C).permute(0, 3, 1, 2)  # (N, C, g, g)
+    x = F.interpolate(x, size=(math.ceil(grid / 2), math.ceil(grid / 2)), mode="bilinear")  # (N, C, g', g')
+    return x.permute(0, 2, 3, 1).reshape(N, -1, C)  # (N, g'^2, C)

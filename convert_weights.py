@@ -121,6 +121,9 @@ HF_DEFAULTS = {
     "mistral": dict(vocab_size=32000, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
                     num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=4096 * 32,
                     rms_norm_eps=1e-6, rope_theta=10000.0, tie_word_embeddings=False, attention_bias=False),
+    "qwen2": dict(vocab_size=151936, hidden_size=4096, intermediate_size=22016, num_hidden_layers=32,
+                  num_attention_heads=32, num_key_value_heads=32, max_position_embeddings=32768, rms_norm_eps=1e-6,
+                  rope_theta=10000.0, tie_word_embeddings=False),
 }
 # llava-hf's defaults when a config omits its sub-configs: CLIP-L/14-336 and a Llama.
 LLAVA_DEFAULT_VISION = dict(model_type="clip_vision_model", hidden_size=1024, intermediate_size=4096,
@@ -173,12 +176,15 @@ def llama_config_from_hf(c: dict) -> LlamaConfig:
     if c.get("hidden_act", "silu") != "silu":
         raise ValueError(f"unsupported LM hidden_act {c['hidden_act']!r} (Llama uses silu)")
     theta, scaling = rope_from_hf(c)
+    qwen2 = c["model_type"] == "qwen2"  # a Llama with biases on q, k and v (not on o_proj)
+    if qwen2 and c.get("use_sliding_window"):
+        raise ValueError("Qwen2 with use_sliding_window=true is not supported")
     return LlamaConfig(
         vocab_size=c["vocab_size"], dim=c["hidden_size"], n_layers=c["num_hidden_layers"],
         n_heads=c["num_attention_heads"], n_kv_heads=c.get("num_key_value_heads"), head_dim=c.get("head_dim"),
         hidden_dim=c["intermediate_size"], norm_eps=c["rms_norm_eps"], rope_theta=theta, rope_scaling=scaling,
-        max_seq_len=c["max_position_embeddings"], attn_bias=c["attention_bias"],
-        tie_embeddings=c["tie_word_embeddings"],
+        max_seq_len=c["max_position_embeddings"], attn_bias=qwen2 or c["attention_bias"],
+        proj_bias=not qwen2 and c["attention_bias"], tie_embeddings=c["tie_word_embeddings"],
     )
 
 
@@ -588,7 +594,7 @@ def from_towers(vision_dir: Path, lm: "Path | GGUFSource", projector: str, seed:
 
 def from_llava(llava_dir: Path, vision_dir: Path | None) -> Plan:
     c = read_config(llava_dir)
-    if c.get("model_type") in ("llava", "llava_next"):
+    if c.get("model_type") in ("llava", "llava_next", "llava_onevision"):
         return from_llava_hf(llava_dir, c)
     if "mm_projector_type" in c or "mm_vision_tower" in c:
         return from_llava_original(llava_dir, c, vision_dir)
@@ -598,7 +604,8 @@ def from_llava(llava_dir: Path, vision_dir: Path | None) -> Plan:
 def from_llava_hf(llava_dir: Path, c: dict) -> Plan:
     """llava-hf layouts: legacy `language_model.model.*` and newer `model.language_model.*` + `lm_head`.
 
-    LLaVA-NeXT adds anyres: its `image_grid_pinpoints` and the learned `image_newline`.
+    LLaVA-NeXT adds anyres: its `image_grid_pinpoints` and the learned `image_newline`. LLaVA-OneVision adds
+    `vision_aspect_ratio` ("anyres_max_9") and a video placeholder; its LM is usually Qwen2.
     """
     vision_cfg = vit_config_from_hf(c.get("vision_config") or LLAVA_DEFAULT_VISION)
     lm_cfg = llama_config_from_hf(c.get("text_config") or {})
@@ -608,11 +615,16 @@ def from_llava_hf(llava_dir: Path, c: dict) -> Plan:
     if not isinstance(layer, int):
         raise ValueError(f"vision_feature_layer {layer!r}: only a single layer is supported")
     strategy = c.get("vision_feature_select_strategy", "default")
-    next_ = c["model_type"] == "llava_next"
+    next_ = c["model_type"] in ("llava_next", "llava_onevision")
+    anyres_kw = dict(grid_pinpoints=c.get("image_grid_pinpoints", LLAVA_NEXT_PINPOINTS)) if next_ else {}
+    if c["model_type"] == "llava_onevision":
+        ratio = re.fullmatch(r"anyres_max_(\d+)", c.get("vision_aspect_ratio", "anyres_max_9"))
+        if not ratio:
+            raise ValueError(f"vision_aspect_ratio {c['vision_aspect_ratio']!r}: only anyres_max_N is supported")
+        anyres_kw |= dict(anyres_max=int(ratio[1]), video_token_id=c.get("video_token_index", 151647))
     cfg = VLMConfig(vision_cfg, lm_cfg, ProjectorConfig("mlp2x_gelu"),
                     image_token_id=c.get("image_token_index", c.get("image_token_id", 32000)),
-                    feature_layer=layer, drop_cls=strategy == "default",
-                    grid_pinpoints=c.get("image_grid_pinpoints", LLAVA_NEXT_PINPOINTS) if next_ else [])
+                    feature_layer=layer, drop_cls=strategy == "default", **anyres_kw)
     if not c.get("multimodal_projector_bias", True):
         raise ValueError("multimodal_projector_bias=false is not supported")
     plan = Plan(cfg)
@@ -680,23 +692,27 @@ def to_hf(ckpt: Path, out: Path) -> str:
                          image_size=v.image_size, patch_size=v.patch_size, hidden_act=act, layer_norm_eps=v.norm_eps)
     rope = {"rope_type": "default"} if lm.rope_scaling is None else {
         "rope_type": lm.rope_scaling["type"], **{k: x for k, x in lm.rope_scaling.items() if k != "type"}}
-    text_config = dict(model_type="llama", vocab_size=lm.vocab_size, hidden_size=lm.dim,
+    qwen2 = lm.attn_bias and not lm.proj_bias
+    text_config = dict(model_type="qwen2" if qwen2 else "llama", vocab_size=lm.vocab_size, hidden_size=lm.dim,
                        intermediate_size=lm.hidden_dim, num_hidden_layers=lm.n_layers, num_attention_heads=lm.n_heads,
                        num_key_value_heads=lm.n_kv_heads, head_dim=lm.head_dim, rms_norm_eps=lm.norm_eps,
                        max_position_embeddings=lm.max_seq_len, attention_bias=lm.attn_bias,
                        tie_word_embeddings=lm.tie_embeddings, rope_theta=lm.rope_theta,
                        rope_scaling=rope, rope_parameters=rope | {"rope_theta": lm.rope_theta})
     next_ = bool(cfg.grid_pinpoints)
-    config = dict(architectures=["LlavaNextForConditionalGeneration" if next_ else "LlavaForConditionalGeneration"],
-                  model_type="llava_next" if next_ else "llava", vision_config=vision_config,
+    onevision = cfg.anyres_max > 0 or cfg.video_token_id is not None
+    kind = "llava_onevision" if onevision else "llava_next" if next_ else "llava"
+    config = dict(architectures=[HF_ARCHITECTURES[kind]], model_type=kind, vision_config=vision_config,
                   text_config=text_config, image_token_index=cfg.image_token_id, projector_hidden_act="gelu",
                   vision_feature_layer=cfg.feature_layer, image_seq_length=cfg.num_image_tokens,
                   vision_feature_select_strategy="default" if cfg.drop_cls else "full",
                   multimodal_projector_bias=True, tie_word_embeddings=lm.tie_embeddings)
     if next_:
-        if cfg.anyres_max:
-            raise ValueError("transformers' LLaVA-NeXT has no anyres_max; export this model as OneVision")
         config["image_grid_pinpoints"] = cfg.grid_pinpoints
+    if onevision:
+        if not cfg.anyres_max or cfg.video_token_id is None:
+            raise ValueError("transformers' OneVision needs both anyres_max > 0 and a video_token_id")
+        config |= dict(vision_aspect_ratio=f"anyres_max_{cfg.anyres_max}", video_token_index=cfg.video_token_id)
     ours = model.state_dict()
     theirs = {}  # their key -> (our key, slice index within a fused tensor)
     maps = [(expand(VIT_MAP, "vision.", "vision_tower.vision_model.", v.depth)),
@@ -720,6 +736,10 @@ def to_hf(ckpt: Path, out: Path) -> str:
     if (ckpt / "tokenizer.model").is_file():
         shutil.copyfile(ckpt / "tokenizer.model", out / "tokenizer.model")
     return f"wrote {out}: {sum(t.numel() for t in theirs.values()) / 1e6:.1f}M parameters, transformers LLaVA format"
+
+
+HF_ARCHITECTURES = {"llava": "LlavaForConditionalGeneration", "llava_next": "LlavaNextForConditionalGeneration",
+                    "llava_onevision": "LlavaOnevisionForConditionalGeneration"}
 
 
 def split_fused(our_key: str, their_key, tensor: torch.Tensor, cfg: VLMConfig) -> dict:

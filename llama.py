@@ -37,7 +37,8 @@ class LlamaConfig:
     rope_theta: float = 10000.0
     rope_scaling: dict | None = None  # {"type": "linear", "factor": f} or {"type": "llama3", ...}
     max_seq_len: int = 4096
-    attn_bias: bool = False
+    attn_bias: bool = False  # biases on q, k, v (Qwen2, and Llama's attention_bias)
+    proj_bias: bool | None = None  # bias on the output projection; None = attn_bias (Llama), Qwen2 has none
     tie_embeddings: bool = False
     # Levers for learning in-context lookup from scratch; all off for converted checkpoints (transformers has none).
     conv_kernel: int = 0  # > 0: Canon layer (Allen-Zhu 2025), a causal depthwise conv mixing each attention input
@@ -48,6 +49,7 @@ class LlamaConfig:
 
     def __post_init__(self):
         self.n_kv_heads = self.n_kv_heads or self.n_heads
+        self.proj_bias = self.attn_bias if self.proj_bias is None else self.proj_bias
         self.head_dim = self.head_dim or self.dim // self.n_heads
         if self.n_heads % self.n_kv_heads:
             raise ValueError(f"n_heads {self.n_heads} is not a multiple of n_kv_heads {self.n_kv_heads}")
@@ -168,7 +170,7 @@ class Attention(nn.Module):
         self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
         q_dim, kv_dim = cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim
         self.qkv = nn.Linear(cfg.dim, q_dim + 2 * kv_dim, bias=cfg.attn_bias)  # q, k, v in one matmul
-        self.proj = nn.Linear(q_dim, cfg.dim, bias=cfg.attn_bias)
+        self.proj = nn.Linear(q_dim, cfg.dim, bias=cfg.proj_bias)
         self.conv = CausalConv(cfg.dim, cfg.conv_kernel) if cfg.conv_kernel else None
         self.q_norm = RMSNorm(cfg.head_dim, cfg.norm_eps) if cfg.qk_norm else None
         self.k_norm = RMSNorm(cfg.head_dim, cfg.norm_eps) if cfg.qk_norm else None

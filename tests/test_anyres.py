@@ -1,5 +1,7 @@
 """anyres (LLaVA-NeXT / OneVision tiles): geometry, preprocessing and feature merging against transformers."""
 
+from types import SimpleNamespace
+
 import numpy as np
 import pytest
 import torch
@@ -13,6 +15,7 @@ from conftest import (
     random_init,
     rel_err,
     save,
+    siglip_vision_config,
     transformers,
 )
 from PIL import Image
@@ -22,7 +25,7 @@ from data import ShapesWorld, collate, encode_sample, preprocess_anyres
 from llama import LlamaConfig
 from model import VLM, VLMConfig
 from tokenizer import TooLong, train_tokenizer
-from vit import ViTConfig
+from vit import ViTConfig, siglip_config
 
 TILE = 32  # the tiny towers' image size
 PINPOINTS = [[32, 64], [64, 32], [64, 64], [96, 32], [32, 96]]  # llava-hf's defaults, scaled from 336 to 32
@@ -193,3 +196,97 @@ def test_packed_rows_of_mixed_sizes_have_the_loss_of_padded_rows(tok, scratch):
     losses = [scratch(b["input_ids"], b["pixel_values"], labels=b["labels"], segment_ids=b["segment_ids"],
                       image_sizes=b["image_sizes"], num_tokens=b["num_tokens"])[1] for b in (plain, packed)]
     assert rel_err(losses[1], losses[0]) < 1e-5
+
+
+# ----------------------------------------------------------------------------- LLaVA-OneVision: SigLIP + Qwen2
+
+
+def onevision_processor(vision: ViTConfig, pinpoints=PINPOINTS):
+    from transformers.models.llava_onevision.image_processing_pil_llava_onevision import (
+        LlavaOnevisionImageProcessorPil,
+    )
+
+    S = vision.image_size
+    return LlavaOnevisionImageProcessorPil(size={"height": S, "width": S}, image_grid_pinpoints=pinpoints,
+                                           image_mean=list(vision.image_mean), image_std=list(vision.image_std))
+
+
+@pytest.fixture(scope="module")
+def onevision_dir(hf_dir):
+    text = transformers.Qwen2Config(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                                    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                                    bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    # anyres_max_1: any map above one tile's tokens is shrunk, so the tiny model exercises the bilinear downscale
+    cfg = transformers.LlavaOnevisionConfig(vision_config=siglip_vision_config(), text_config=text,
+                                            image_token_index=VOCAB - 1, video_token_index=VOCAB - 2,
+                                            image_grid_pinpoints=PINPOINTS, vision_aspect_ratio="anyres_max_1",
+                                            vision_feature_layer=-1, vision_feature_select_strategy="full")
+    return save(random_init(transformers.LlavaOnevisionForConditionalGeneration(cfg), 22), hf_dir / "onevision")
+
+
+@pytest.fixture(scope="module")
+def onevision_pair(onevision_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("onevision") / "ours"
+    convert("--llava", onevision_dir, "--out", out)
+    return load_hf(transformers.LlavaOnevisionForConditionalGeneration, onevision_dir), VLM.from_pretrained(out)
+
+
+@pytest.mark.parametrize("size", SIZES)
+def test_preprocess_anyres_matches_onevision_processor_for_single_images(size):
+    vision = siglip_config(image_size=TILE, patch_size=8)
+    image = photo(*size)
+    ours = preprocess_anyres(image, vision, PINPOINTS)
+    theirs = onevision_processor(vision)(image, return_tensors="pt")["pixel_values"][0, : len(ours)]
+    assert (ours - theirs).abs().max().item() < 1e-5
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("size", [(40, 90), (90, 40), (37, 53), (300, 500)])
+def test_onevision_image_logits_and_greedy_tokens_match_transformers(onevision_pair, size):
+    ref, ours = onevision_pair
+    assert ours.cfg.anyres_max == 1 and ours.cfg.lm.attn_bias and not ours.cfg.lm.proj_bias
+    image = photo(*size)
+    ids = image_prompt(ours.cfg.image_tokens(size), ours.cfg.image_token_id, vocab=VOCAB - 2)
+    hf = onevision_processor(ours.cfg.vision)(image, return_tensors="pt")
+    kw = dict(input_ids=ids, pixel_values=hf["pixel_values"], image_sizes=hf["image_sizes"])
+    pixels = preprocess_anyres(image, ours.cfg.vision, ours.cfg.grid_pinpoints)
+    assert rel_err(ours(ids, pixels, image_sizes=hf["image_sizes"])[0], ref(**kw).logits) < 1e-4
+    want = ref.generate(**kw, max_new_tokens=8, do_sample=False, pad_token_id=0, eos_token_id=None)
+    assert torch.equal(ours.generate(ids, pixels, max_new_tokens=8, image_sizes=hf["image_sizes"]),
+                       want[:, ids.size(1):])
+
+
+@torch.no_grad()
+def test_onevision_8_frame_video_logits_and_greedy_tokens_match_transformers(onevision_pair):
+    ref, ours = onevision_pair
+    frames = torch.randn(1, 8, 3, TILE, TILE, generator=torch.Generator().manual_seed(0))
+    assert ours.cfg.video_tokens(8) == 8 * 2 * 2 + 1  # a 4 x 4 patch grid pools to 2 x 2, one newline per video
+    ids = image_prompt(ours.cfg.video_tokens(8), ours.cfg.video_token_id, vocab=VOCAB - 2)
+    theirs = ref(input_ids=ids, pixel_values_videos=frames).logits
+    assert rel_err(ours(ids, videos=frames)[0], theirs) < 1e-4
+    want = ref.generate(input_ids=ids, pixel_values_videos=frames, max_new_tokens=8, do_sample=False,
+                        pad_token_id=0, eos_token_id=None)
+    assert torch.equal(ours.generate(ids, max_new_tokens=8, videos=frames), want[:, ids.size(1):])
+
+
+@torch.no_grad()
+def test_onevision_round_trip_reloads_in_transformers(onevision_pair, tmp_path):
+    ref, ours = onevision_pair
+    ours.save_pretrained(tmp_path / "ours")
+    convert("--to-hf", tmp_path / "ours", "--out", tmp_path / "hf")
+    back = load_hf(transformers.LlavaOnevisionForConditionalGeneration, tmp_path / "hf")
+    image = photo(300, 500)
+    hf = onevision_processor(ours.cfg.vision)(image, return_tensors="pt")
+    ids = image_prompt(ours.cfg.image_tokens((300, 500)), ours.cfg.image_token_id, vocab=VOCAB - 2)
+    kw = dict(input_ids=ids, pixel_values=hf["pixel_values"], image_sizes=hf["image_sizes"])
+    assert rel_err(back(**kw).logits, ref(**kw).logits) < 1e-6
+
+
+def test_pool_frames_matches_onevision_on_an_odd_grid():
+    """At an even grid, bilinear 2x pooling equals a 2x2 mean; an odd grid (SigLIP-384/14 has 27) tells them apart."""
+    from transformers.models.llava_onevision.modeling_llava_onevision import LlavaOnevisionModel
+
+    tower = SimpleNamespace(vision_config=SimpleNamespace(image_size=40, patch_size=8))  # a 5 x 5 grid
+    features = torch.randn(3, 25, 6, generator=torch.Generator().manual_seed(0))
+    want = LlavaOnevisionModel.apply_pooling(SimpleNamespace(config=tower), features)
+    assert want.shape == (3, 9, 6) and torch.allclose(anyres.pool_frames(features), want, atol=1e-6)
