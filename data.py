@@ -145,8 +145,15 @@ def expand_images(ids: list[int], labels: list[int], counts: list[int], image_to
     return grown_ids, grown_labels
 
 
+class MalformedLine(NamedTuple):
+    """A JSONL line that is not valid JSON: in JSON Lines each line is its own record, so it is skipped alone."""
+
+    line: int  # 1-based, as editors count
+
+
 def read_records(path) -> list:
-    """The records of a JSON list or a JSONL file; anything that is not valid JSON is a DataError."""
+    """The records of a JSON list or a JSONL file. A JSON list that does not parse is a DataError naming the
+    line; a JSONL line that does not parse becomes a MalformedLine, which clean_record skips."""
     try:
         text = Path(path).read_text(encoding="utf-8-sig")  # -sig: tolerate a byte-order mark
     except FileNotFoundError:
@@ -154,7 +161,7 @@ def read_records(path) -> list:
     except (OSError, UnicodeDecodeError) as err:
         raise DataError(f"{path}: cannot read ({err})") from None
     if str(path).endswith(".jsonl"):
-        return [parse_json(line, path, n) for n, line in enumerate(text.split("\n"), 1) if line.strip()]
+        return [parse_line(line, n) for n, line in enumerate(text.split("\n"), 1) if line.strip()]
     records = parse_json(text, path)
     if not isinstance(records, list):
         raise DataError(f"{path}: expected a JSON list of records, found a {type(records).__name__}")
@@ -169,11 +176,20 @@ def parse_json(text: str, path, first_line=1):
         raise DataError(f"{path}: invalid JSON at line {line} column {err.colno}") from None
 
 
+def parse_line(line: str, number: int):
+    try:
+        return json.loads(line)
+    except json.JSONDecodeError:
+        return MalformedLine(number)
+
+
 def clean_record(record, index: int) -> dict | str:
     """A record as {"index", "id", "images", "conversations"} with roles human/gpt, or why it is unusable.
 
     As LLaVA does, a single image's `<image>` tag moves to the front of its turn: "<image>\\n{question}".
     """
+    if isinstance(record, MalformedLine):
+        return "malformed line"
     if not isinstance(record, dict):
         return "malformed record"
     turns = record.get("conversations")
@@ -199,10 +215,36 @@ def clean_record(record, index: int) -> dict | str:
     return {"index": index, "id": str(record.get("id", index)), "images": images, "conversations": conversations}
 
 
-def skip_report(skipped: dict[int, str], total: int) -> str:
-    """"skipped 7 of 10,000 records: 3 missing image, 2 unreadable image, ...", most common reason first."""
-    reasons = ", ".join(f"{n:,} {reason}" for reason, n in Counter(skipped.values()).most_common())
+def skip_report(skipped: dict[int, str], total: int, malformed_lines: list[int] = ()) -> str:
+    """"skipped 7 of 10,000 records: 3 missing image, 2 malformed line (lines 12, 40), ...", most common reason
+    first; the first few malformed JSONL lines are named, so they can be found and fixed."""
+    shown = ", ".join(map(str, malformed_lines[:5])) + (", ..." if len(malformed_lines) > 5 else "")
+    where = {"malformed line": f" (line{'s' if len(malformed_lines) > 1 else ''} {shown})"} if shown else {}
+    reasons = ", ".join(f"{n:,} {reason}{where.get(reason, '')}"
+                        for reason, n in Counter(skipped.values()).most_common())
     return f"skipped {len(skipped):,} of {total:,} records" + (f": {reasons}" if reasons else "")
+
+
+class PackedRecords:
+    """A read-only sequence of records, held as one numpy byte buffer of JSON plus offsets.
+
+    Forked DataLoader workers share the parent's memory until a page is written to, and a list of dicts is
+    written to on every read (reference counts) and by every garbage collection (object headers): each worker
+    ends up with its own copy of it. Two numpy arrays are two objects, however many records they hold.
+    """
+
+    def __init__(self, records):
+        chunks = [json.dumps(r).encode() for r in records]
+        self.offsets = np.cumsum([0] + [len(c) for c in chunks], dtype=np.int64)  # record i is [o[i], o[i + 1])
+        self.data = np.frombuffer(b"".join(chunks), dtype=np.uint8)
+
+    def __len__(self):
+        return len(self.offsets) - 1
+
+    def __getitem__(self, i) -> dict:
+        if not 0 <= i < len(self):
+            raise IndexError(f"record {i} is outside 0..{len(self) - 1}")
+        return json.loads(self.data[self.offsets[i]:self.offsets[i + 1]].tobytes())
 
 
 class LlavaDataset(Dataset):
@@ -221,15 +263,19 @@ class LlavaDataset(Dataset):
         self.image_folder = Path(image_folder) if image_folder is not None else Path(path).parent
         self.tokenizer, self.cfg, self.template = tokenizer, cfg, template
         self.max_len, self.image_mode = max_len, image_mode
-        self.num_records, self.records, self.skipped = len(raw), [], {}
+        self.num_records, self.skipped = len(raw), {}
+        self.malformed_lines = [r.line for r in raw if isinstance(r, MalformedLine)]
+        records = []
         for index, record in enumerate(raw):
             clean = clean_record(record, index)
             if isinstance(clean, str):
                 self.skipped[index] = clean
             else:
-                self.records.append(clean)
-        if any(r["images"] for r in self.records) and not self.image_folder.is_dir():
+                records.append(clean)
+        del raw
+        if any(r["images"] for r in records) and not self.image_folder.is_dir():
             raise DataError(f"{self.image_folder}: no such image folder")
+        self.records = PackedRecords(records)
 
     def __len__(self):
         return len(self.records)
@@ -249,12 +295,13 @@ class LlavaDataset(Dataset):
         self.skipped[record["index"]] = reason
         return Skipped(record["index"], reason)
 
-    def skip_report(self) -> str:
-        return skip_report(self.skipped, self.num_records)
+    def skip_report(self, skipped: dict[int, str] | None = None) -> str:
+        """The report of self.skipped, or of `skipped` (what the workers and ranks found, merged)."""
+        return skip_report(self.skipped if skipped is None else skipped, self.num_records, self.malformed_lines)
 
     def texts(self) -> list[str]:
         """Every conversation as tokenizer-training text (vicuna_v1 wording, which covers plain's)."""
-        return [corpus_text(r["conversations"]) for r in self.records]
+        return [corpus_text(self.records[i]["conversations"]) for i in range(len(self.records))]
 
 
 # ----------------------------------------------------------------------------- batches

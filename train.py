@@ -35,7 +35,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from data import DataError, GlobalBatchSampler, LlavaDataset, ShapesDataset, ShapesWorld, collate, skip_report
+from data import DataError, GlobalBatchSampler, LlavaDataset, ShapesDataset, ShapesWorld, collate
 from eval import category_table, evaluate_qa, shapes_records, shapes_scores, write_predictions
 from lora import apply_lora, lora_state_dict, merge_lora
 from model import PRESETS, VLM, VLMConfig, preset, tiny_config
@@ -105,9 +105,12 @@ def stage_texts(args, n_shapes=2000) -> list[str]:
     """Tokenizer-training text: the user's data, or ShapesWorld captions and questions."""
     if args.data:
         try:
-            return LlavaDataset(args.data, args.image_folder, None, None).texts()
+            dataset = LlavaDataset(args.data, args.image_folder, None, None)
         except DataError as err:
             raise SystemExit(f"error: {err}") from None
+        if len(dataset) == 0:  # checked before sentencepiece, which has no words for an empty corpus
+            raise SystemExit(f"error: {args.data}: no usable records ({dataset.skip_report()})")
+        return dataset.texts()
     return shapes_world(args).texts(n_shapes)
 
 
@@ -695,7 +698,7 @@ def train(args) -> Path:
         print(f"stage {args.stage} done: {step} steps in {elapsed / 60:.1f} min, {tokens_seen * d.world_size:,} tokens"
               + (f", held-out accuracy {last_eval['eval_accuracy']:.3f}" if last_eval else ""))
         if args.data:
-            print(skip_report(skipped, getattr(dataset, "num_records", num_samples)))
+            print(dataset.skip_report(skipped))
         elif skipped:
             print(f"skipped {len(skipped)} samples")
         print(f"  model: {out}/ (config.json, model.safetensors, {tokenizer.path.name}"

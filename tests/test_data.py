@@ -227,10 +227,11 @@ def test_invalid_json_names_file_line_and_column(tmp_path, tok, cfg):
     with pytest.raises(DataError) as err:
         LlavaDataset(path, tmp_path, tok, cfg)
     assert str(err.value) == f"{path}: invalid JSON at line 3 column 17"
-    path = tmp_path / "data.jsonl"
-    path.write_text('{"id": "a"}\n\n{"id": "b",}\n')
-    with pytest.raises(DataError, match=r"data.jsonl: invalid JSON at line 3 column 12$"):
-        LlavaDataset(path, tmp_path, tok, cfg)
+    path = tmp_path / "data.jsonl"  # in JSON Lines a bad line is one bad record: skipped, its line named
+    path.write_text('{"id": "a"}\n\n{"id": "b",}\n' + json.dumps({"conversations": human_gpt("hi", "yo")}) + "\n")
+    dataset = LlavaDataset(path, tmp_path, tok, cfg)
+    assert len(dataset) == 1
+    assert dataset.skip_report() == "skipped 2 of 3 records: 1 empty conversation, 1 malformed line (line 3)"
     path = tmp_path / "object.json"
     path.write_text('{"id": "a"}')
     with pytest.raises(DataError, match="object.json: expected a JSON list of records, found a dict"):
