@@ -93,6 +93,13 @@ def preprocess_anyres(image: Image.Image, vision_cfg, pinpoints) -> torch.Tensor
     return torch.stack([normalize(view, vision_cfg) for view in [base, *tiles]])
 
 
+def preprocess_video(frames: list[Image.Image], vision_cfg) -> torch.Tensor:
+    """Video frames (video.read_video) -> (F, 3, S, S): each squashed to the tower's size, as OneVision's video
+    processor does (its torchvision resize may differ from PIL's bicubic in the last digits; not compared)."""
+    S = vision_cfg.image_size
+    return torch.stack([normalize(frame.resize((S, S), Image.Resampling.BICUBIC), vision_cfg) for frame in frames])
+
+
 # ----------------------------------------------------------------------------- LLaVA records
 
 
@@ -120,15 +127,19 @@ def encode_sample(record: dict, images: list, tokenizer, cfg, template: str, max
     input_ids, labels = encode_conversation(tokenizer, record["conversations"], template, cfg.image_token_id, 1,
                                             max_len)
     input_ids, labels = expand_images(input_ids, labels, counts, cfg.image_token_id)
-    if not images:
-        pixel_values = None
-    elif cfg.grid_pinpoints:
-        pixel_values = torch.cat([preprocess_anyres(im, cfg.vision, cfg.grid_pinpoints) for im in images])
-    else:
-        pixel_values = torch.stack([preprocess(im, cfg.vision, image_mode) for im in images])
     return {"id": record["id"], "input_ids": torch.tensor(input_ids), "labels": torch.tensor(labels),
-            "pixel_values": pixel_values,  # (T,), (T,), (views, 3, S, S) or None: one view per image, or anyres'
+            "pixel_values": images_to_pixels(images, cfg, image_mode),  # (T,), (T,), (views, 3, S, S) or None
             "image_sizes": torch.tensor(sizes, dtype=torch.long).view(-1, 2) if images else None}  # (n_images, 2)
+
+
+def images_to_pixels(images: list, cfg, image_mode="pad") -> torch.Tensor | None:
+    """PIL images -> the model's pixel_values: (N, 3, S, S), one view per image, or with anyres each image's
+    base view and tiles in turn; None without images."""
+    if not images:
+        return None
+    if cfg.grid_pinpoints:
+        return torch.cat([preprocess_anyres(im, cfg.vision, cfg.grid_pinpoints) for im in images])
+    return torch.stack([preprocess(im, cfg.vision, image_mode) for im in images])
 
 
 def expand_images(ids: list[int], labels: list[int], counts: list[int], image_token_id: int):

@@ -4,6 +4,7 @@
     python sample.py --image a.png --image b.png --prompt "<image> vs <image>: what changed?"
     python sample.py --image photo.jpg --chat                           # /image PATH and /reset in the chat
     python sample.py --image photo.jpg --attention-map attn.png         # + attn_tokens.png, one map per word
+    python sample.py --video clip.mp4 --frames 8 --prompt "What happens?"  # a OneVision-style checkpoint
 
 Decoding follows LLaVA's: the prompt goes through the checkpoint's chat template, each `<image>` becomes a block
 of placeholder tokens, and tokens are decoded one by one from a KV cache until a stop token (eos, or the template's
@@ -22,7 +23,7 @@ import torch
 from PIL import Image, ImageDraw
 from safetensors import SafetensorError
 
-from data import DataError, load_image, preprocess
+from data import DataError, expand_images, images_to_pixels, load_image, preprocess_video
 from model import VLM
 from tokenizer import (
     IMAGE,
@@ -37,6 +38,7 @@ from tokenizer import (
     template_pieces,
     tokenize_prompt,
 )
+from video import VideoError, read_video
 
 DEFAULT_PROMPT = "Describe the image."
 
@@ -68,12 +70,29 @@ def load_images(paths) -> list[Image.Image]:
 
 
 def pixels(model: VLM, images: list[Image.Image]) -> torch.Tensor | None:
-    """PIL images -> (N, 3, S, S) on the model's device and dtype, or None without images."""
+    """PIL images -> (views, 3, S, S) on the model's device and dtype (with anyres: base view and tiles of each),
+    or None without images."""
     if not images:
         return None
     weight = model.lm.tok_embed.weight
-    px = torch.stack([preprocess(im, model.cfg.vision, model.cfg.image_mode) for im in images])
-    return px.to(weight.device, weight.dtype)
+    return images_to_pixels(images, model.cfg, model.cfg.image_mode).to(weight.device, weight.dtype)
+
+
+def image_sizes(images: list[Image.Image]) -> torch.Tensor | None:
+    """(N, 2): each image's (height, width), by which an anyres model lays its tiles back out."""
+    return torch.tensor([(im.height, im.width) for im in images]) if images else None
+
+
+def load_video(model: VLM, path, frames: int) -> torch.Tensor:
+    """(1, frames, 3, S, S): frames sampled uniformly from a video file, a folder of frames or a GIF/WebP."""
+    if model.cfg.video_token_id is None:
+        raise SystemExit("error: this checkpoint takes no video (it has no video_token_id, as OneVision does)")
+    try:
+        clip = preprocess_video(read_video(path, frames), model.cfg.vision)
+    except (FileNotFoundError, VideoError) as err:
+        raise SystemExit(f"error: {err}") from None
+    weight = model.lm.tok_embed.weight
+    return clip[None].to(weight.device, weight.dtype)
 
 
 def with_image_tags(prompt: str, num_images: int) -> str:
@@ -86,10 +105,20 @@ def with_image_tags(prompt: str, num_images: int) -> str:
     return prompt
 
 
-def encode(tokenizer: Tokenizer, model: VLM, text: str, template: str, first=True) -> list[int]:
-    """Prompt text to ids; a conversation's first piece starts with bos, unless the template writes its own."""
+def encode(tokenizer: Tokenizer, model: VLM, text: str, template: str, first=True, sizes=(),
+           frames: int | None = None) -> list[int]:
+    """Prompt text to ids; a conversation's first piece starts with bos, unless the template writes its own.
+
+    The k-th `<image>` grows to cfg.image_tokens(sizes[k]) placeholders (with anyres, a count that depends on
+    the image's size); with `frames`, the one tag stands for a video of that many frames instead.
+    """
     bos = first and template not in OWN_BOS
-    return tokenize_prompt(tokenizer, text, model.cfg.image_token_id, model.cfg.num_image_tokens, bos=bos)
+    cfg = model.cfg
+    ids = tokenize_prompt(tokenizer, text, cfg.image_token_id, 1, bos=bos)
+    if frames is not None:
+        ids = [cfg.video_token_id if i == cfg.image_token_id else i for i in ids]
+        return expand_images(ids, ids, [cfg.video_tokens(frames)], cfg.video_token_id)[0]  # ids as their own labels
+    return expand_images(ids, ids, [cfg.image_tokens(size) for size in sizes], cfg.image_token_id)[0]
 
 
 # ----------------------------------------------------------------------------- answers
@@ -111,7 +140,8 @@ def decoding(args, model: VLM) -> dict:
                 top_k=args.top_k, generator=generator)
 
 
-def generate(model: VLM, tokenizer: Tokenizer, input_ids: list[int], px, args, out=None) -> torch.Tensor:
+def generate(model: VLM, tokenizer: Tokenizer, input_ids: list[int], px, args, out=None, sizes=None,
+             videos=None) -> torch.Tensor:
     """Decode args.num_samples answers as one batch; one sample streams to `out` (stdout). -> (N, <= max_new).
 
     Answers stop at the model's context length, as they do in a chat.
@@ -120,7 +150,10 @@ def generate(model: VLM, tokenizer: Tokenizer, input_ids: list[int], px, args, o
     device = model.lm.tok_embed.weight.device
     ids = torch.tensor([input_ids], device=device).expand(args.num_samples, -1)  # (N, T)
     if px is not None:
-        px = px.repeat(args.num_samples, 1, 1, 1)  # (N * images, 3, S, S)
+        px = px.repeat(args.num_samples, 1, 1, 1)  # (N * views, 3, S, S)
+        sizes = sizes.repeat(args.num_samples, 1) if sizes is not None else None  # (N * images, 2)
+    if videos is not None:
+        videos = videos.repeat(args.num_samples, 1, 1, 1, 1)  # (N, F, 3, S, S)
     context = model.cfg.lm.max_seq_len
     if len(input_ids) >= context:
         raise SystemExit(f"error: the prompt is {len(input_ids)} tokens, the model's context only {context}")
@@ -128,7 +161,8 @@ def generate(model: VLM, tokenizer: Tokenizer, input_ids: list[int], px, args, o
     state = model.new_state(args.num_samples) if args.compile else None  # the whole context: one static shape
     stream = TextStream(tokenizer) if args.num_samples == 1 else None
     steps = []
-    for token in model.stream(ids, px, eos_id=tokenizer.stop_ids, state=state, **kw):
+    for token in model.stream(ids, px, eos_id=tokenizer.stop_ids, state=state, image_sizes=sizes, videos=videos,
+                              **kw):
         steps.append(token)
         if stream is not None and int(token[0]) not in tokenizer.stop_ids:
             print(stream.push(int(token[0])), end="", file=out, flush=True)
@@ -175,7 +209,8 @@ class Chat:
         pieces = template_pieces(self.messages, self.template, **template_kw(self.tokenizer, self.template))
         answered = max((k for k, (_, supervised) in enumerate(pieces) if supervised), default=-1)
         text = "".join(piece for piece, _ in pieces[answered + 1:])  # the first turn: system and all
-        new_ids = self.pending + encode(self.tokenizer, self.model, text, self.template, first)
+        sizes = [(im.height, im.width) for im in self.images] if first else []
+        new_ids = self.pending + encode(self.tokenizer, self.model, text, self.template, first, sizes)
         room = self.state.valid.size(1) - self.state.length - len(new_ids)
         if room < 1:
             self.messages.pop()
@@ -189,7 +224,8 @@ class Chat:
             print("ASSISTANT: ", end="", file=out, flush=True)
         stops = self.tokenizer.stop_ids
         for token in self.model.stream(torch.tensor([new_ids], device=device), px, eos_id=stops,
-                                       state=self.state, **kw):
+                                       state=self.state, image_sizes=image_sizes(self.images) if first else None,
+                                       **kw):
             tokens.append(int(token[0]))
             if out is not None and tokens[-1] not in stops:
                 print(stream.push(tokens[-1]), end="", file=out, flush=True)
@@ -356,15 +392,19 @@ def main(argv=None):
         return chat(model, tokenizer, images, args)
     if args.attention_map and args.num_samples != 1:
         raise SystemExit("error: --attention-map draws one answer: use it with --num-samples 1")
+    if args.attention_map and (model.cfg.grid_pinpoints or args.video):
+        raise SystemExit("error: --attention-map does not yet draw anyres tiles or video frames")
+    videos = load_video(model, args.video, args.frames) if args.video else None
     template = args.template or model.cfg.template
     try:
-        prompt = build_prompt([{"from": "human", "value": with_image_tags(args.prompt, len(images))}], template,
-                              tokenizer)
+        value = with_image_tags(args.prompt, len(images) + (videos is not None))  # a video takes one tag too
+        prompt = build_prompt([{"from": "human", "value": value}], template, tokenizer)
     except ValueError as err:
         raise SystemExit(f"error: {err}") from None
-    input_ids = encode(tokenizer, model, prompt, template)
+    sizes = [(im.height, im.width) for im in images]
+    input_ids = encode(tokenizer, model, prompt, template, sizes=sizes, frames=args.frames if args.video else None)
     px = pixels(model, images)
-    tokens = generate(model, tokenizer, input_ids, px, args)
+    tokens = generate(model, tokenizer, input_ids, px, args, sizes=image_sizes(images), videos=videos)
     if args.attention_map:
         if not images:
             raise SystemExit("error: --attention-map needs an --image")
@@ -382,6 +422,10 @@ def parse_args(argv=None):
     p.add_argument("--image", action="append", default=[], metavar="PATH",
                    help="an image; repeat for several images in one prompt (placed at the <image> tags, or first)")
     p.add_argument("--prompt", default=DEFAULT_PROMPT, help="the question; may hold one <image> tag per --image")
+    p.add_argument("--video", metavar="PATH", default=None,
+                   help="a video (needs PyAV: pip install av), a folder of frames or an animated GIF/WebP, for a "
+                   "checkpoint that takes video (LLaVA-OneVision); its <image> tag, if any, marks where it goes")
+    p.add_argument("--frames", type=int, default=8, help="frames sampled uniformly from --video")
     p.add_argument("--template", choices=TEMPLATES, default=None,
                    help="chat template; None = the checkpoint's own (the one it was finetuned with)")
     p.add_argument("--max-new-tokens", type=int, default=256, help="longest answer, in tokens")
@@ -408,8 +452,12 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     if args.num_samples < 1 or args.max_new_tokens < 1:
         p.error("--num-samples and --max-new-tokens must be at least 1")
-    if args.chat and (args.num_samples != 1 or args.attention_map):
-        p.error("--chat works with one sample and without --attention-map")
+    if args.chat and (args.num_samples != 1 or args.attention_map or args.video):
+        p.error("--chat works with one sample, without --attention-map and without --video")
+    if args.video and args.image:
+        p.error("give --image or --video, not both")
+    if args.frames < 1:
+        p.error("--frames must be at least 1")
     return args
 
 

@@ -137,6 +137,7 @@ class SentencePieceTokenizer(Tokenizer):
         own = {name: i for name, i in (("bos", self.sp.bos_id()), ("eos", self.sp.eos_id()),
                                        ("pad", self.sp.pad_id()), ("unk", self.sp.unk_id())) if i >= 0}
         self._read_specials(own)
+        self.special_ids = {i for i in (self.bos_id, self.eos_id, self.unk_id, self.pad_id) if i is not None}
         specials = {self.piece(i) for i in (self.bos_id, self.eos_id, self.unk_id) if i is not None}
         self.split = re.compile("(" + "|".join(map(re.escape, sorted(specials, key=len, reverse=True))) + ")")
 
@@ -182,7 +183,8 @@ class SentencePieceTokenizer(Tokenizer):
         return starts
 
     def decode(self, ids) -> str:
-        return self.sp.decode(self.check_ids(ids))
+        """Special tokens are dropped (sentencepiece would print unk as " ⁇ ")."""
+        return self.sp.decode([i for i in self.check_ids(ids) if i not in self.special_ids])
 
 
 class BPETokenizer(Tokenizer):

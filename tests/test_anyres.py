@@ -21,10 +21,12 @@ from conftest import (
 from PIL import Image
 
 import anyres
-from data import ShapesWorld, collate, encode_sample, preprocess_anyres
+import sample
+from data import ShapesWorld, collate, encode_sample, preprocess_anyres, preprocess_video
 from llama import LlamaConfig
 from model import VLM, VLMConfig
-from tokenizer import TooLong, train_tokenizer
+from tokenizer import TooLong, build_prompt, tokenize_prompt, train_tokenizer
+from video import read_video
 from vit import ViTConfig, siglip_config
 
 TILE = 32  # the tiny towers' image size
@@ -154,10 +156,11 @@ def tok(tmp_path_factory):
 def scratch(tok):
     """A from-scratch anyres model over the tokenizer's vocabulary (its own placeholder row at the end)."""
     vision = ViTConfig(image_size=TILE, patch_size=8, width=32, depth=2, heads=2, mlp_dim=64)
-    lm = LlamaConfig(vocab_size=tok.vocab_size + 1, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=96,
+    lm = LlamaConfig(vocab_size=tok.vocab_size + 2, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=96,
                      max_seq_len=1024)
     torch.manual_seed(0)
-    return VLM(VLMConfig(vision, lm, image_token_id=tok.vocab_size, grid_pinpoints=PINPOINTS)).eval()
+    return VLM(VLMConfig(vision, lm, image_token_id=tok.vocab_size, grid_pinpoints=PINPOINTS,
+                         video_token_id=tok.vocab_size + 1)).eval()
 
 
 def record(n_images: int, k=0) -> dict:
@@ -290,3 +293,72 @@ def test_pool_frames_matches_onevision_on_an_odd_grid():
     features = torch.randn(3, 25, 6, generator=torch.Generator().manual_seed(0))
     want = LlavaOnevisionModel.apply_pooling(SimpleNamespace(config=tower), features)
     assert want.shape == (3, 9, 6) and torch.allclose(anyres.pool_frames(features), want, atol=1e-6)
+
+
+# ----------------------------------------------------------------------------- sample.py
+
+
+@pytest.fixture(scope="module")
+def scratch_dir(scratch, tok, tmp_path_factory):
+    out = tmp_path_factory.mktemp("scratch") / "ckpt"
+    scratch.save_pretrained(out, tok)
+    return out
+
+
+def reference_answer(model, tok, ids, **visual) -> str:
+    """What VLM.generate answers for these prompt ids, decoded as sample.py decodes."""
+    tokens = model.generate(torch.tensor([ids]), max_new_tokens=6, eos_id=tok.stop_ids, **visual)
+    return sample.answer_text(tok, tokens[0].tolist())
+
+
+def test_sample_cli_tiles_an_image_for_an_anyres_checkpoint(scratch, scratch_dir, tok, tmp_path, capsys):
+    path = tmp_path / "wide.png"
+    photo(300, 500).save(path)
+    sample.main(["--checkpoint", str(scratch_dir), "--image", str(path), "--prompt", "Describe it.",
+                 "--max-new-tokens", "6"])
+    text = build_prompt([{"from": "human", "value": "<image>\nDescribe it."}], scratch.cfg.template, tok)
+    ids = tokenize_prompt(tok, text, scratch.cfg.image_token_id, scratch.cfg.image_tokens((300, 500)))
+    pixels = preprocess_anyres(Image.open(path).convert("RGB"), scratch.cfg.vision, PINPOINTS)
+    want = reference_answer(scratch, tok, ids, pixel_values=pixels, image_sizes=[(300, 500)])
+    assert want.strip() and capsys.readouterr().out == want + "\n"
+    assert torch.equal(sample.pixels(scratch, [Image.open(path).convert("RGB")]), pixels)
+    assert sample.encode(tok, scratch, text, scratch.cfg.template, sizes=[(300, 500)]) == ids
+
+
+def test_sample_cli_reads_a_video_as_frames(scratch, scratch_dir, tok, tmp_path, capsys):
+    path = tmp_path / "clip.gif"
+    first, *rest = [photo(40, 56, seed=k) for k in range(10)]
+    first.save(path, save_all=True, append_images=rest)
+    sample.main(["--checkpoint", str(scratch_dir), "--video", str(path), "--frames", "4", "--prompt",
+                 "What happens?", "--max-new-tokens", "6"])
+    text = build_prompt([{"from": "human", "value": "<image>\nWhat happens?"}], scratch.cfg.template, tok)
+    ids = tokenize_prompt(tok, text, scratch.cfg.video_token_id, scratch.cfg.video_tokens(4))
+    frames = preprocess_video(read_video(path, 4), scratch.cfg.vision)[None]  # (1, 4, 3, S, S)
+    want = reference_answer(scratch, tok, ids, videos=frames)
+    assert want.strip() and capsys.readouterr().out == want + "\n"
+    # a random model's few greedy tokens barely depend on the frames, so the pieces are pinned one by one too
+    assert torch.equal(sample.load_video(scratch, path, 4), frames)
+    assert sample.encode(tok, scratch, text, scratch.cfg.template, frames=4) == ids
+
+
+def test_sample_cli_refuses_a_bad_video_in_one_line(scratch_dir, tmp_path):
+    path = tmp_path / "short.gif"
+    photo(40, 56).save(path)
+    with pytest.raises(SystemExit, match=r"error: .*short\.gif: has 1 frames, fewer than the 8 asked"):
+        sample.main(["--checkpoint", str(scratch_dir), "--video", str(path)])
+
+
+def test_a_40000_by_200_image_tiles_in_bounded_memory_and_keeps_its_base_view(tok, scratch):
+    from convert_weights import LLAVA_NEXT_PINPOINTS
+
+    image = photo(200, 40000)
+    vision = ViTConfig(image_size=336, patch_size=14)  # real LLaVA-NeXT tiles: the image fits a 336 x 1008 canvas
+    ours = preprocess_anyres(image, vision, LLAVA_NEXT_PINPOINTS)
+    theirs = next_processor(vision, LLAVA_NEXT_PINPOINTS)(image, return_tensors="pt")["pixel_values"][0]
+    assert ours.shape == (4, 3, 336, 336) and (ours - theirs).abs().max().item() < 1e-5
+    # resized into the canvas the strip is 5 pixels high, less than one patch row: unpad keeps no row of the tiles,
+    # only the base view's 24 x 24 tokens (as in transformers)
+    assert anyres.num_tokens((200, 40000), LLAVA_NEXT_PINPOINTS, 336, 24) == 24 * 24
+    sample_ = encode_sample(record(1), [image], tok, scratch.cfg, "vicuna_v1", None, "pad")  # tiny 32 px tiles
+    assert int((sample_["input_ids"] == scratch.cfg.image_token_id).sum()) == scratch.cfg.vision.grid**2
+    assert scratch.image_features(sample_["pixel_values"], sample_["image_sizes"]).shape[0] == 16
