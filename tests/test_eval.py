@@ -61,6 +61,31 @@ def test_batched_left_padded_answers_equal_one_at_a_time_generate(checkpoint):
         assert prediction["reference"] == record["conversations"][1]["value"]
 
 
+@pytest.mark.slow
+def test_compiled_static_cache_decoding_gives_the_eager_answers(checkpoint):
+    """eval.py --compile: one full-context cache per batch size (4, then the last 2), reused by every batch."""
+    model, tokenizer = vlm_eval.load_checkpoint(checkpoint, "cpu")
+    records = vlm_eval.shapes_records(10, ShapesWorld(image_size=16))
+    eager = vlm_eval.evaluate_qa(model, tokenizer, records, batch_size=4, max_new_tokens=8)
+    model.compile_decode_step()
+    compiled = vlm_eval.evaluate_qa(model, tokenizer, records, batch_size=4, max_new_tokens=8, static=True)
+    assert [p["prediction"] for p in compiled["predictions"]] == [p["prediction"] for p in eager["predictions"]]
+    assert len({p["prediction"] for p in eager["predictions"]}) > 1  # answers that differ, so order is checked
+
+
+def test_text_only_questions_are_answered_without_images(checkpoint):
+    model, tokenizer = vlm_eval.load_checkpoint(checkpoint, "cpu")
+    records = [{"id": str(i), "images": [], "conversations": [{"from": "human", "value": q},
+                                                              {"from": "gpt", "value": "red"}]}
+               for i, q in enumerate(["What color is red?", "Name a shape, please."])]
+    result = vlm_eval.evaluate_qa(model, tokenizer, records, batch_size=2, max_new_tokens=5)
+    for record, prediction in zip(records, result["predictions"], strict=True):
+        ids = tokenize_prompt(tokenizer, build_prompt(record["conversations"][:1]), model.cfg.image_token_id,
+                              model.cfg.num_image_tokens)
+        tokens = model.generate(torch.tensor([ids]), None, max_new_tokens=5, eos_id=tokenizer.stop_ids)[0].tolist()
+        assert prediction["prediction"] == tokenizer.decode(tokenizer.until_stop(tokens)).strip()
+
+
 def test_blind_replaces_images_with_zeros(checkpoint, monkeypatch):
     model, tokenizer = vlm_eval.load_checkpoint(checkpoint, "cpu")
     seen = []

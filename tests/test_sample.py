@@ -96,6 +96,19 @@ def test_greedy_cli_output_equals_vlm_generate(trained, capsys):
     assert out == want + "\n"
 
 
+def test_a_text_only_prompt_is_answered_without_an_image(trained, capsys):
+    out = run_cli(capsys, "--checkpoint", trained["dir"], "--prompt", "What color is the circle?",
+                  "--max-new-tokens", "8")
+    assert out == reference_answer(trained, "What color is the circle?", [], max_new_tokens=8) + "\n"
+
+
+def test_a_text_only_chat_answers_each_turn(trained):
+    chat = sample.Chat(trained["model"], trained["tokenizer"], [], max_new_tokens=8)
+    first = chat.ask("What color is the circle?")
+    assert first == reference_answer(trained, "What color is the circle?", [], max_new_tokens=8)
+    assert isinstance(chat.ask("How many objects are there?"), str) and len(chat.messages) == 4
+
+
 def test_default_prompt_describes_the_image(trained, capsys):
     image = trained["images"][1]
     out = run_cli(capsys, "--checkpoint", trained["dir"], "--image", image, "--max-new-tokens", "12")
@@ -314,3 +327,28 @@ def test_an_unreadable_tokenizer_is_one_line_naming_it(trained, tmp_path):
         sample.main(["--checkpoint", str(broken), "--image", str(trained["images"][0])])
     message = str(exit_info.value.code)
     assert "\n" not in message and str(broken / "tokenizer.model") in message
+
+
+def test_a_checkpoint_without_a_tokenizer_file_is_one_line_naming_both(trained, tmp_path):
+    bare = tmp_path / "ckpt"
+    bare.mkdir()
+    for name in ("config.json", "model.safetensors"):
+        (bare / name).write_bytes((trained["dir"] / name).read_bytes())
+    with pytest.raises(SystemExit) as exit_info:
+        sample.main(["--checkpoint", str(bare), "--prompt", "hi"])
+    message = str(exit_info.value.code)
+    assert "\n" not in message and str(bare) in message and "tokenizer.json" in message and "tokenizer.model" in message
+
+
+def test_a_tokenizer_larger_than_the_embedding_table_is_one_line_naming_it(trained, tmp_path):
+    ckpt = tmp_path / "ckpt"
+    ckpt.mkdir()
+    for name in ("config.json", "model.safetensors"):
+        (ckpt / name).write_bytes((trained["dir"] / name).read_bytes())
+    rows = trained["model"].cfg.lm.vocab_size
+    big = train_tokenizer(ShapesWorld().texts(400), rows + 40, ckpt / "tokenizer.model")
+    assert big.vocab_size > rows
+    with pytest.raises(SystemExit) as exit_info:
+        sample.main(["--checkpoint", str(ckpt), "--prompt", "hi"])
+    message = str(exit_info.value.code)
+    assert "\n" not in message and str(ckpt / "tokenizer.model") in message and "embedding table" in message
