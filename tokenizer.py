@@ -140,6 +140,8 @@ class SentencePieceTokenizer(Tokenizer):
         self.special_ids = {i for i in (self.bos_id, self.eos_id, self.unk_id, self.pad_id) if i is not None}
         specials = {self.piece(i) for i in (self.bos_id, self.eos_id, self.unk_id) if i is not None}
         self.split = re.compile("(" + "|".join(map(re.escape, sorted(specials, key=len, reverse=True))) + ")")
+        self.piece_bytes = [1 if self.sp.is_byte(i) else len(self.piece(i).replace("\u2581", " ").encode())
+                            for i in range(self.vocab_size)]  # the text each piece stands for, in bytes
 
     def token_id(self, token):
         if token is None:
@@ -171,7 +173,7 @@ class SentencePieceTokenizer(Tokenizer):
     def chunk_starts(self, chunk: str, ids: list[int]) -> list[int]:
         """Where each piece starts, from the bytes it stands for (exact for the identity normalization that
         Llama's tokenizers and ours use; others are refused rather than mislabelled)."""
-        sizes = [1 if self.sp.is_byte(i) else len(self.piece(i).replace("\u2581", " ").encode()) for i in ids]
+        sizes = [self.piece_bytes[i] for i in ids]
         extra = sum(sizes) - len(chunk.encode())  # 1 when sentencepiece added its dummy-prefix space
         if extra not in (0, 1):
             raise ValueError(f"{self.path}: this sentencepiece model normalizes text, so token offsets are unknown")
