@@ -7,13 +7,16 @@ writes a markdown table and a bar chart to docs/experiments/:
     python experiments.py projector --budget-minutes 30    # linear vs mlp2x_gelu vs pixel_shuffle
     python experiments.py data-scale --budget-minutes 30   # accuracy against distinct training scenes
     python experiments.py resolution --budget-minutes 30   # image size / patch size: accuracy and speed
+    python experiments.py binding --budget-minutes 60      # levers against the binding plateau (issue #9)
     python experiments.py all --smoke                      # seconds: checks the plumbing, figures mean nothing
 
 The budget sets the training length: each run gets budget / runs minutes, as a share of the main job's
 schedule (which takes MAIN_JOB_MINUTES here); steps, not the clock, end a run, so results repeat exactly.
+The binding sweep shares one caption pretraining (the main job's) and spends the budget on finetunes only.
 """
 
 import argparse
+import dataclasses
 import json
 import os
 import platform
@@ -23,11 +26,11 @@ import time
 from pathlib import Path
 
 import torch
-from PIL import Image, ImageDraw
 
 import train
 from eval import shapes_scores
-from model import VLMConfig
+from model import VLM, VLMConfig
+from plots import bar_chart
 
 MAIN_JOB_MINUTES = 9.0  # `python train.py` on 2 cores of the machine the committed results came from
 
@@ -52,6 +55,18 @@ SWEEPS = {
     },
 }
 
+# The binding sweep: each variant finetunes the same caption-pretrained model (see binding_sweep). "lm" sets
+# LlamaConfig levers (new tensors start at their init: a Canon conv at zero is the identity), "sets" are train.py
+# --set items for ShapesWorld, "flags" replace the main job's finetune flags (argparse: the last one wins).
+BINDING = {
+    "baseline": {},
+    "canon k3": {"lm": {"conv_kernel": 3}},
+    "logit scale x4": {"lm": {"logit_scale": 4.0}},
+    "qk-norm + scale x4 + lr 3e-3": {"lm": {"qk_norm": True, "logit_scale": 4.0}, "flags": ["--lr", "3e-3"]},
+    "canon k3 + scale x4 + 4 questions": {"lm": {"conv_kernel": 3, "logit_scale": 4.0},
+                                          "sets": ["world.questions=4"]},
+}
+
 
 def stage_steps(budget_minutes: float, runs: int) -> dict:
     """{stage: max steps} for one run: the main job's schedule scaled to budget / runs minutes."""
@@ -62,7 +77,7 @@ def stage_steps(budget_minutes: float, runs: int) -> dict:
 
 def run_variant(sets: list[str], out: Path, steps: dict, eval_samples: int) -> dict:
     """Train both stages with the main job's flags (but `steps`) and these --set items; score held-out."""
-    flags = [f"--set={item}" for item in sets] + ["--save-every", "100000", "--keep", "1"]
+    flags = [f"--set={item}" for item in sets] + ["--save-every", "100000", "--keep", "1", "--eval-every", "0"]
     t0 = time.time()
     ckpt = None
     for stage in ("pretrain", "finetune"):
@@ -77,45 +92,72 @@ def run_variant(sets: list[str], out: Path, steps: dict, eval_samples: int) -> d
             "train_minutes": minutes, "by_category": {k: c / t for k, (c, t) in normal["by_category"].items()}}
 
 
-def bar_chart(rows: dict, title: str, path: Path):
-    """Held-out and blind accuracy per variant, as paired bars (Pillow only, like sample.py's maps)."""
-    W, H, left, bottom, top = 640, 360, 50, 60, 40
-    image = Image.new("RGB", (W, H), "white")
-    draw = ImageDraw.Draw(image)
-    draw.text((left, 12), title, fill="black")
-    plot_h = H - top - bottom
-    for tick in range(0, 11, 2):  # accuracy axis, 0 to 1
-        y = top + plot_h * (1 - tick / 10)
-        draw.line([(left, y), (W - 10, y)], fill=(225, 225, 225))
-        draw.text((8, y - 6), f"{tick / 10:.1f}", fill="black")
-    slot = (W - left - 10) / len(rows)
-    for i, (name, row) in enumerate(rows.items()):
-        x = left + i * slot + slot * 0.15
-        for j, (key, color) in enumerate((("heldout", (50, 100, 235)), ("blind", (190, 190, 190)))):
-            x0 = x + j * slot * 0.35
-            draw.rectangle([x0, top + plot_h * (1 - row[key]), x0 + slot * 0.3, top + plot_h], fill=color)
-            draw.text((x0, top + plot_h * (1 - row[key]) - 12), f"{row[key]:.2f}", fill="black")
-        draw.text((x, H - bottom + 8), name, fill="black")
-    draw.rectangle([W - 170, 12, W - 160, 22], fill=(50, 100, 235))
-    draw.text((W - 155, 12), "held-out", fill="black")
-    draw.rectangle([W - 90, 12, W - 80, 22], fill=(190, 190, 190))
-    draw.text((W - 75, 12), "blind", fill="black")
-    image.save(path)
+def with_levers(pretrain: Path, lm_fields: dict, out: Path) -> Path:
+    """A copy of a checkpoint whose LM has these LlamaConfig fields: trained weights kept, new ones at init."""
+    model = VLM.from_pretrained(pretrain)
+    torch.manual_seed(0)
+    levered = VLM(dataclasses.replace(model.cfg, lm=dataclasses.replace(model.cfg.lm, **lm_fields)))
+    state = levered.state_dict() | model.state_dict()
+    levered.load_checked({k: v for k, v in state.items() if k not in levered.tied_keys()})
+    levered.save_pretrained(out)
+    for name in ("tokenizer.model", "training.json"):  # training.json: still from scratch, so finetune trains all
+        shutil.copyfile(pretrain / name, out / name)
+    return out
+
+
+def binding_sweep(work: Path, steps: dict, eval_samples: int, names: list[str], pretrain: Path | None) -> dict:
+    """One caption pretraining (or `pretrain`), then each named BINDING variant's finetune from it, all with the
+    same step count. A variant whose result.json holds the same settings is read back, not run again, so two
+    processes can share a sweep (--variants) and a last call writes the report."""
+    flags = ["--save-every", "100000", "--keep", "1", "--eval-every", "0"]
+    if pretrain is None:
+        pretrain = train.train(train.parse_args(["--stage", "pretrain"] + train.MAIN_JOB["pretrain"] + flags + [
+            "--max-steps", str(steps["pretrain"]), "--out", str(work / "pretrain")]))
+    settings = {"pretrain": str(pretrain.resolve()), "steps": steps["finetune"], "eval_samples": eval_samples}
+    rows = {}
+    for name in names:
+        variant = BINDING[name]
+        run = work / name.replace(" ", "_").replace(",", "").replace("+", "").replace("/", "_")
+        done = run / "result.json"
+        if done.is_file() and json.loads(done.read_text())["settings"] == settings:
+            rows[name] = json.loads(done.read_text())["row"]
+            continue
+        shutil.rmtree(run, ignore_errors=True)
+        print(f"== binding: {name} ({variant})", flush=True)
+        init = with_levers(pretrain, variant.get("lm", {}), run / "init")
+        t0 = time.time()
+        args = (train.MAIN_JOB["finetune"] + ["--max-steps", str(steps["finetune"])] + variant.get("flags", [])
+                + [f"--set={item}" for item in variant.get("sets", [])] + flags)
+        ckpt = train.train(train.parse_args(["--stage", "finetune", "--init", str(init), "--out", str(run / "ft")]
+                                            + args))
+        minutes = (time.time() - t0) / 60
+        normal, blind = shapes_scores(ckpt, eval_samples)
+        rows[name] = {"heldout": normal["accuracy"], "blind": blind["accuracy"], "train_minutes": minutes,
+                      "image_tokens": VLM.from_pretrained(ckpt).cfg.num_image_tokens,
+                      "binding_errors": sum(p.get("binding_error", False) for p in normal["predictions"]),
+                      "wrong": normal["total"] - normal["correct"],
+                      "by_category": {k: c / t for k, (c, t) in normal["by_category"].items()}}
+        done.write_text(json.dumps({"settings": settings, "row": rows[name]}, indent=1) + "\n")
+        print(f"== {name}: held-out {rows[name]['heldout']:.3f}, blind {rows[name]['blind']:.3f}, binding errors "
+              f"{rows[name]['binding_errors']}/{rows[name]['wrong']}", flush=True)
+    return rows
 
 
 def write_results(sweep: str, rows: dict, steps: dict, eval_samples: int, command: str, out: Path):
     categories = sorted({c for row in rows.values() for c in row["by_category"]})
+    binding = all("binding_errors" in row for row in rows.values())
     lines = [f"# {sweep}", "", f"Reproduce: `{command}`", "",
              f"Machine: {os.cpu_count()} CPU cores ({platform.machine()}), {torch.get_num_threads()} torch threads, "
              f"torch {torch.__version__}. Each run: {steps['pretrain']} caption steps + {steps['finetune']} "
              f"question steps of batch 32, then {eval_samples} held-out questions; blind = images replaced by zeros.",
              "", f"![{sweep}]({sweep}.png)", "",
-             "| variant | image tokens | held-out | blind | " + " | ".join(categories) + " | train min |",
-             "|---|---:|---:|---:|" + "---:|" * len(categories) + "---:|"]
+             "| variant | image tokens | held-out | blind | " + " | ".join(categories) + " | train min |"
+             + " binding errors/wrong |" * binding,
+             "|---|---:|---:|---:|" + "---:|" * len(categories) + "---:|" + "---:|" * binding]
     for name, row in rows.items():
         per = " | ".join(f"{row['by_category'].get(c, 0):.2f}" for c in categories)
         lines.append(f"| {name} | {row['image_tokens']} | {row['heldout']:.3f} | {row['blind']:.3f} | {per} | "
-                     f"{row['train_minutes']:.1f} |")
+                     f"{row['train_minutes']:.1f} |" + f" {row.get('binding_errors')}/{row.get('wrong')} |" * binding)
     (out / f"{sweep}.md").write_text("\n".join(lines) + "\n")
     (out / f"{sweep}.json").write_text(json.dumps(rows, indent=1) + "\n")
     bar_chart(rows, f"{sweep}: held-out vs blind accuracy", out / f"{sweep}.png")
@@ -125,9 +167,16 @@ def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("sweep", choices=list(SWEEPS) + ["all"], help="which comparison to run")
+    p.add_argument("sweep", choices=list(SWEEPS) + ["binding", "all"], help="which comparison to run")
     p.add_argument("--budget-minutes", type=float, default=30.0, help="training time of the whole sweep")
     p.add_argument("--eval-samples", type=int, default=500, help="held-out questions per run")
+    p.add_argument("--pretrain-steps", type=int, help="caption steps per run (default: from the budget; binding: "
+                   "the main job's)")
+    p.add_argument("--finetune-steps", type=int, help="question steps per run (default: from the budget)")
+    p.add_argument("--pretrain", type=Path, help="binding: a caption-pretrained checkpoint to share instead of "
+                   "pretraining one")
+    p.add_argument("--variants", help="binding: only these variants (comma-separated), to split a sweep between "
+                   "processes; the results stay in --work and the report waits for a call without --variants")
     p.add_argument("--smoke", action="store_true", help="2 steps per stage and 8 questions: a plumbing check")
     p.add_argument("--out", type=Path, help="tables and plots (default: docs/experiments, or "
                    "out/experiments_smoke with --smoke)")
@@ -136,10 +185,24 @@ def main(argv=None):
     out = args.out or Path("out/experiments_smoke" if args.smoke else "docs/experiments")
     out.mkdir(parents=True, exist_ok=True)
     command = "python experiments.py " + " ".join(argv)
-    for sweep in SWEEPS if args.sweep == "all" else [args.sweep]:
-        variants = SWEEPS[sweep]
-        steps = {"pretrain": 2, "finetune": 2} if args.smoke else stage_steps(args.budget_minutes, len(variants))
+    for sweep in list(SWEEPS) + ["binding"] if args.sweep == "all" else [args.sweep]:
+        variants = BINDING if sweep == "binding" else SWEEPS[sweep]
+        steps = stage_steps(args.budget_minutes, len(variants))
+        if sweep == "binding":  # one pretraining for all: the budget is the finetunes'
+            steps["pretrain"] = stage_steps(MAIN_JOB_MINUTES, 1)["pretrain"]
+        steps = {"pretrain": 2, "finetune": 2} if args.smoke else {
+            "pretrain": args.pretrain_steps or steps["pretrain"], "finetune": args.finetune_steps or steps["finetune"]}
         eval_samples = 8 if args.smoke else args.eval_samples
+        if sweep == "binding":
+            names = args.variants.split(",") if args.variants else list(BINDING)[:2 if args.smoke else None]
+            unknown = [n for n in names if n not in BINDING]
+            if unknown:
+                raise SystemExit(f"error: --variants: unknown {unknown[0]!r}; choose from {', '.join(BINDING)}")
+            rows = binding_sweep(args.work / sweep, steps, eval_samples, names, args.pretrain)
+            if not args.variants:  # a partial sweep leaves its results in --work for the full call to report
+                write_results(sweep, rows, steps, eval_samples, command, out)
+                print(f"{sweep}: wrote {out / sweep}.md and .png")
+            continue
         rows = {}
         for name, sets in variants.items():
             work = args.work / sweep / name.replace(" ", "_").replace(",", "").replace("/", "_")

@@ -39,6 +39,7 @@ from data import DataError, GlobalBatchSampler, LlavaDataset, ShapesDataset, Sha
 from eval import category_table, evaluate_qa, shapes_records, shapes_scores, write_predictions
 from lora import apply_lora, lora_state_dict, merge_lora
 from model import PRESETS, VLM, VLMConfig, preset, tiny_config
+from plots import line_chart
 from tokenizer import TEMPLATES, Tokenizer, load_tokenizer, train_tokenizer
 
 PARTS = ("vision", "projector", "lm")
@@ -48,7 +49,9 @@ PARTS = ("vision", "projector", "lm")
 MAIN_JOB = {
     "pretrain": ["--init", "tiny", "--max-steps", "900", "--batch-size", "32", "--lr", "2e-3", "--warmup-ratio",
                  "0.05"],
-    "finetune": ["--max-steps", "1000", "--batch-size", "32", "--lr", "1e-3", "--warmup-ratio", "0.05"],
+    # A greedy score of 100 held-out questions every 100 steps draws learning_curve.png (~1 CPU-s each).
+    "finetune": ["--max-steps", "1000", "--batch-size", "32", "--lr", "1e-3", "--warmup-ratio", "0.05",
+                 "--eval-every", "100", "--eval-samples", "100"],
 }
 MAIN_JOB_EVAL = 1000  # held-out ShapesWorld questions scored at the end
 SHAPES_WORLD = dict(image_size=48)  # ShapesWorld as the main job draws it, at the tiny preset's image size
@@ -561,7 +564,16 @@ def run_eval(model: VLM, tokenizer: Tokenizer, args, step: int) -> dict:
         records = shapes_records(min(args.eval_samples, world.test_size), world)
     result = evaluate_qa(model, tokenizer, records, template=args.template)
     return {"step": step, "eval_accuracy": result["accuracy"], "eval_correct": result["correct"],
-            "eval_total": result["total"]}
+            "eval_total": result["total"],
+            "eval_by_category": {k: c / t for k, (c, t) in result["by_category"].items()}}
+
+
+def plot_learning_curve(evals: list[dict], path: Path):
+    """Held-out accuracy against step, one line per question category: when each skill appears."""
+    curves = {"all": [(e["step"], e["eval_accuracy"]) for e in evals]}
+    for category in evals[0]["eval_by_category"]:
+        curves[category] = [(e["step"], e["eval_by_category"].get(category, 0.0)) for e in evals]
+    line_chart(curves, "held-out accuracy by question category", path)
 
 
 def train(args) -> Path:
@@ -634,7 +646,7 @@ def train(args) -> Path:
 
     metrics = open(out / "metrics.jsonl", "a") if d.master else None
     bar = tqdm(total=args.max_steps, initial=step, disable=not d.master, dynamic_ncols=True)
-    t_start, tokens_seen, last_eval = time.time(), 0, None
+    t_start, tokens_seen, last_eval, evals = time.time(), 0, None, []
     t_log, tokens_log = time.time(), 0
     model.train()
     stop = StopRequest()  # from here on, SIGTERM and SIGUSR1 wait for the step to finish
@@ -668,6 +680,7 @@ def train(args) -> Path:
                 last_eval = run_eval(model, tokenizer, args, step)
                 bar.write(f"step {step}: held-out accuracy {last_eval['eval_accuracy']:.3f}")
                 metrics.write(json.dumps(last_eval) + "\n")
+                evals.append(last_eval)
                 metrics.flush()
             saved = step % args.save_every == 0 or step == args.max_steps
             if saved:
@@ -689,6 +702,8 @@ def train(args) -> Path:
     skipped = gather_skipped(skipped, d)
     if args.fsdp:  # gather the shards into an ordinary model on rank 0
         state = full_tensors(model.state_dict().items())
+        if evals:
+            plot_learning_curve(evals, out / "learning_curve.png")
         model = VLM(model.cfg) if d.master else model
         if d.master:
             model.load_checked({k: v for k, v in state.items() if k not in model.tied_keys()})
@@ -823,7 +838,8 @@ def main_job(argv: list[str]):
     normal, blind = shapes_scores(finetune, user.eval_samples)
     write_predictions(normal, finetune / "predictions.jsonl")
     write_predictions(blind, finetune / "predictions_blind.jsonl")
-    print(f"main job: {(time.time() - t0) / 60:.1f} min; predictions in {finetune}/predictions*.jsonl")
+    print(f"main job: {(time.time() - t0) / 60:.1f} min; predictions in {finetune}/predictions*.jsonl, accuracy "
+          f"by category against step in {finetune}/learning_curve.png")
     print(category_table(normal))
     print(f"heldout accuracy: {normal['accuracy']:.3f}")
     print(f"blind accuracy: {blind['accuracy']:.3f}")

@@ -12,10 +12,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from PIL import Image
 from safetensors.torch import load_file
 
 import train
-from data import ShapesWorld, export_shapes
+from data import CATEGORIES, ShapesWorld, export_shapes
 from llama import LlamaConfig
 from model import VLM, VLMConfig
 from projector import ProjectorConfig
@@ -263,7 +264,7 @@ def test_set_overrides_preset_fields_and_shapes_world(tmp_path):
 
 
 def test_main_job_smoke_prints_the_two_accuracy_lines(tmp_path):
-    result = run_cli("--out", tmp_path, "--max-steps", 1, "--batch-size", 2, "--eval-samples", 4)
+    result = run_cli("--out", tmp_path, "--max-steps", 1, "--batch-size", 2, "--eval-samples", 4, "--eval-every", 1)
     lines = result.stdout.strip().splitlines()
     assert lines[-2].startswith("heldout accuracy: ") and lines[-1].startswith("blind accuracy: ")
     assert len(lines[-1].split(": ")[1]) == 5  # 0.xyz
@@ -273,6 +274,10 @@ def test_main_job_smoke_prints_the_two_accuracy_lines(tmp_path):
         assert (tmp_path / stage / "metrics.jsonl").read_text().strip()
     assert (tmp_path / "pretrain" / "projector.safetensors").is_file()
     assert json.loads((tmp_path / "finetune" / "config.json").read_text())["template"] == "vicuna_v1"
+    evals = [json.loads(line) for line in (tmp_path / "finetune" / "metrics.jsonl").read_text().splitlines()
+             if "eval_by_category" in line]
+    assert len(evals) == 1 and set(evals[0]["eval_by_category"]) <= set(CATEGORIES)
+    Image.open(tmp_path / "finetune" / "learning_curve.png").verify()  # the per-category learning curve
 
 
 def test_from_scratch_on_user_data_trains_its_own_tokenizer(tmp_path):
