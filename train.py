@@ -191,8 +191,9 @@ def init_model(args, out: Path, d: Dist) -> tuple[VLM, Path, dict]:
     init = Path(args.init)
     try:
         model = VLM.from_pretrained(init)
-    except (FileNotFoundError, ValueError, KeyError) as err:
-        raise SystemExit(f"error: --init {args.init}: {err}") from None
+    except (FileNotFoundError, ValueError, KeyError, SafetensorError) as err:  # a truncated file: SafetensorError
+        where = f"{init / 'model.safetensors'}: " if isinstance(err, SafetensorError) else ""
+        raise SystemExit(f"error: --init {args.init}: {where}{err}") from None
     if configure(model.cfg, args.model_sets) != model.cfg:  # the main job's finetune repeats pretrain's --set
         raise SystemExit(f"error: --set {' '.join(args.model_sets)}: a checkpoint's model keeps its config; "
                          "model fields can only be set with a preset --init")
@@ -597,6 +598,7 @@ def train(args) -> Path:
         raise SystemExit(f"error: {err}") from None
     args.template = args.template or ("plain" if args.stage == "pretrain" else model.cfg.template)
     parts = choose_trainable(args, init_info["from_scratch"])
+    torch.manual_seed(args.seed)  # LoRA's initial adapters follow --seed, whatever ran before in this process
     set_trainable(model, parts, args)
     model.to(d.device)
     model.lm.grad_checkpointing = args.grad_checkpointing
@@ -678,9 +680,9 @@ def train(args) -> Path:
                     metrics.flush()
             if args.eval_every and step % args.eval_every == 0 and args.stage == "finetune" and d.master:
                 last_eval = run_eval(model, tokenizer, args, step)
+                evals.append(last_eval)
                 bar.write(f"step {step}: held-out accuracy {last_eval['eval_accuracy']:.3f}")
                 metrics.write(json.dumps(last_eval) + "\n")
-                evals.append(last_eval)
                 metrics.flush()
             saved = step % args.save_every == 0 or step == args.max_steps
             if saved:
@@ -692,18 +694,20 @@ def train(args) -> Path:
                     bar.write(f"{stop.signal or 'a signal to another rank'}: stopped after step {step}, saved "
                               f"{out / 'checkpoints' / f'step_{step:06d}'}; the same command with --resume "
                               f"continues (exit code {EXIT_PREEMPTED})")
+                stop.preempted = True
                 raise SystemExit(EXIT_PREEMPTED)
     finally:
-        stop.restore()
+        if not stop.preempted:  # a second signal while the process exits must not turn exit code 75 into a kill
+            stop.restore()
         bar.close()
         if metrics:
             metrics.close()
+        if evals:
+            plot_learning_curve(evals, out / "learning_curve.png")
 
     skipped = gather_skipped(skipped, d)
     if args.fsdp:  # gather the shards into an ordinary model on rank 0
         state = full_tensors(model.state_dict().items())
-        if evals:
-            plot_learning_curve(evals, out / "learning_curve.png")
         model = VLM(model.cfg) if d.master else model
         if d.master:
             model.load_checked({k: v for k, v in state.items() if k not in model.tied_keys()})
@@ -728,6 +732,7 @@ class StopRequest:
 
     def __init__(self):
         self.signal = None  # the name of the first signal received
+        self.preempted = False  # the loop stopped for a signal (this rank's or another's) and saved
         self.previous = {s: signal.signal(s, self.receive) for s in STOP_SIGNALS}
 
     def receive(self, signum, frame):
