@@ -21,6 +21,7 @@ from torch.utils.data import Dataset
 
 import anyres
 from tokenizer import IGNORE, IMAGE, ROLES, TEMPLATES, TooLong, corpus_text, encode_conversation
+from video import VideoError, read_video
 
 
 class DataError(ValueError):
@@ -111,25 +112,28 @@ class Skipped(NamedTuple):
 
 
 def encode_sample(record: dict, images: list, tokenizer, cfg, template: str, max_len: int | None,
-                  image_mode: str) -> dict:
-    """One record (conversations + PIL images, in tag order) -> the sample dict collate batches.
+                  image_mode: str, frames: list | None = None) -> dict:
+    """One record (conversations + PIL images in tag order, or a video's frames) -> the sample dict collate batches.
 
     With anyres each image has its own token count, so the text is tokenized with one placeholder per image and
     each is then grown to cfg.image_tokens(its size); max_len is lowered by the growth, so the cut falls where
-    it would in the grown sequence.
+    it would in the grown sequence. A video's one tag becomes cfg.video_tokens(frames) video placeholders.
     """
     sizes = [(im.height, im.width) for im in images]
-    counts = [cfg.image_tokens(size) for size in sizes]
+    counts = [cfg.image_tokens(size) for size in sizes] if frames is None else [cfg.video_tokens(len(frames))]
+    placeholder = cfg.image_token_id if frames is None else cfg.video_token_id
     if max_len is not None:
         max_len -= sum(counts) - len(counts)
         if max_len < 1:
-            raise TooLong(f"{len(images)} images take {sum(counts)} tokens, more than max_len")
+            raise TooLong(f"the images or video take {sum(counts)} tokens, more than max_len")
     input_ids, labels = encode_conversation(tokenizer, record["conversations"], template, cfg.image_token_id, 1,
                                             max_len)
-    input_ids, labels = expand_images(input_ids, labels, counts, cfg.image_token_id)
+    input_ids = [placeholder if i == cfg.image_token_id else i for i in input_ids]
+    input_ids, labels = expand_images(input_ids, labels, counts, placeholder)
     return {"id": record["id"], "input_ids": torch.tensor(input_ids), "labels": torch.tensor(labels),
             "pixel_values": images_to_pixels(images, cfg, image_mode),  # (T,), (T,), (views, 3, S, S) or None
-            "image_sizes": torch.tensor(sizes, dtype=torch.long).view(-1, 2) if images else None}  # (n_images, 2)
+            "image_sizes": torch.tensor(sizes, dtype=torch.long).view(-1, 2) if images else None,  # (n_images, 2)
+            "videos": preprocess_video(frames, cfg.vision)[None] if frames is not None else None}  # (1, F, 3, S, S)
 
 
 def images_to_pixels(images: list, cfg, image_mode="pad") -> torch.Tensor | None:
@@ -195,9 +199,10 @@ def parse_line(line: str, number: int):
 
 
 def clean_record(record, index: int) -> dict | str:
-    """A record as {"index", "id", "images", "conversations"} with roles human/gpt, or why it is unusable.
+    """A record as {"index", "id", "images", "video", "conversations"} with roles human/gpt, or why it is unusable.
 
-    As LLaVA does, a single image's `<image>` tag moves to the front of its turn: "<image>\\n{question}".
+    As LLaVA does, a single image's `<image>` tag moves to the front of its turn: "<image>\\n{question}". A
+    record may instead hold one "video" (LLaVA-OneVision's data), whose frames the one `<image>` tag stands for.
     """
     if isinstance(record, MalformedLine):
         return "malformed line"
@@ -217,13 +222,17 @@ def clean_record(record, index: int) -> dict | str:
     images = [images] if isinstance(images, str) else images
     if not isinstance(images, list) or not all(isinstance(p, str) for p in images):
         return "malformed record"
+    video = record.get("video")
+    if video is not None and (not isinstance(video, str) or images):
+        return "malformed record"  # one video per record, without images
     values = [t["value"] for t in turns]
-    if sum(v.count(IMAGE) for v in values) != len(images):
+    if sum(v.count(IMAGE) for v in values) != len(images) + (video is not None):
         return "image/tag count mismatch"
-    if len(images) == 1:
+    if len(images) + (video is not None) == 1:
         values = [(IMAGE + "\n" + v.replace(IMAGE, "").strip()).strip() if IMAGE in v else v for v in values]
     conversations = [{"from": role, "value": v} for role, v in zip(roles, values, strict=True)]
-    return {"index": index, "id": str(record.get("id", index)), "images": images, "conversations": conversations}
+    return {"index": index, "id": str(record.get("id", index)), "images": images, "video": video,
+            "conversations": conversations}
 
 
 def skip_report(skipped: dict[int, str], total: int, malformed_lines: list[int] = ()) -> str:
@@ -267,13 +276,14 @@ class LlavaDataset(Dataset):
     image_folder=None means the data file's own folder.
     """
 
-    def __init__(self, path, image_folder, tokenizer, cfg, template="vicuna_v1", max_len=2048, image_mode="pad"):
+    def __init__(self, path, image_folder, tokenizer, cfg, template="vicuna_v1", max_len=2048, image_mode="pad",
+                 frames=8):
         if template not in TEMPLATES:
             raise ValueError(f"unknown template {template!r}; choose from {', '.join(TEMPLATES)}")
         raw = read_records(path)
         self.image_folder = Path(image_folder) if image_folder is not None else Path(path).parent
         self.tokenizer, self.cfg, self.template = tokenizer, cfg, template
-        self.max_len, self.image_mode = max_len, image_mode
+        self.max_len, self.image_mode, self.frames = max_len, image_mode, frames  # frames sampled per video
         self.num_records, self.skipped = len(raw), {}
         self.malformed_lines = [r.line for r in raw if isinstance(r, MalformedLine)]
         records = []
@@ -284,8 +294,10 @@ class LlavaDataset(Dataset):
             else:
                 records.append(clean)
         del raw
-        if any(r["images"] for r in records) and not self.image_folder.is_dir():
+        if any(r["images"] or r["video"] for r in records) and not self.image_folder.is_dir():
             raise DataError(f"{self.image_folder}: no such image folder")
+        if any(r["video"] for r in records) and getattr(cfg, "video_token_id", None) is None:
+            raise DataError(f"{path}: holds video records, but the model takes no video (no video_token_id)")
         self.records = PackedRecords(records)
 
     def __len__(self):
@@ -293,14 +305,16 @@ class LlavaDataset(Dataset):
 
     def __getitem__(self, i) -> dict | Skipped:
         record = self.records[i]
+        media = "video" if record["video"] else "image"
         try:
             images = [load_image(self.image_folder / p) for p in record["images"]]
+            frames = read_video(self.image_folder / record["video"], self.frames) if record["video"] else None
             return encode_sample(record, images, self.tokenizer, self.cfg, self.template, self.max_len,
-                                 self.image_mode)
+                                 self.image_mode, frames)
         except FileNotFoundError:
-            reason = "missing image"
-        except DataError:
-            reason = "unreadable image"
+            reason = f"missing {media}"
+        except (DataError, VideoError):
+            reason = f"unreadable {media}"
         except TooLong:
             reason = "too long"
         self.skipped[record["index"]] = reason
@@ -362,6 +376,7 @@ def collate(samples: list, pad_id: int, pack_len: int | None = None) -> dict:
     order = [samples[i] for row in rows for i in row]
     images = [s["pixel_values"] for s in order if s["pixel_values"] is not None]
     sizes = [s["image_sizes"] for s in order if s.get("image_sizes") is not None]
+    videos = [s["videos"] for s in order if s.get("videos") is not None]
     return {
         "ids": [s["id"] for s in order],
         "input_ids": input_ids,  # (R, T)
@@ -370,6 +385,7 @@ def collate(samples: list, pad_id: int, pack_len: int | None = None) -> dict:
         "segment_ids": segment_ids if pack_len else None,  # (R, T)
         "pixel_values": torch.cat(images) if images else None,  # (N, 3, S, S); with anyres (views, 3, S, S)
         "image_sizes": torch.cat(sizes) if sizes else None,  # (N, 2): each image's (height, width)
+        "videos": torch.cat(videos) if videos else None,  # (V, F, 3, S, S)
         "num_tokens": int((labels != IGNORE).sum()),
         "skipped": skipped,  # record index -> reason
     }

@@ -12,6 +12,7 @@ own Jinja chat template gives through transformers' `apply_chat_template` (teste
 """
 
 import argparse
+import functools
 import io
 import json
 import re
@@ -52,6 +53,7 @@ class Tokenizer:
     """
 
     path: Path
+    file_name: str  # the name load_tokenizer looks for in a directory
     vocab_size: int
 
     def _read_specials(self, own: dict):
@@ -72,13 +74,18 @@ class Tokenizer:
                     stops += [v for v in values if v is not None]
             ids[name] = next((i for i in found if i is not None), own.get(name))
         self.bos_id, self.eos_id, self.unk_id = ids["bos"], ids["eos"], ids["unk"]
-        self.pad_id = ids["pad"] if ids["pad"] is not None else self.unk_id  # LLaVA pads Llama with unk
+        # LLaVA pads Llama with unk; Llama-3 has neither pad nor unk, so eos (padding is masked out anyway)
+        self.pad_id = next((i for i in (ids["pad"], self.unk_id, self.eos_id) if i is not None), None)
         ends = [self.token_id(token) for token in END_OF_TURN.values()]
         self.stop_ids = tuple(dict.fromkeys(i for i in [self.eos_id, *stops, *ends] if i is not None))
         self.bos_token = self.piece(self.bos_id) if self.bos_id is not None else ""
         self.eos_token = self.piece(self.eos_id) if self.eos_id is not None else EOS
-        self.default_system = default_system(self.chat_template, self.bos_token, self.eos_token, folder)
         self.writes_config = not generation and any(k.endswith("_token_id") for k in model)  # save them with us
+
+    @functools.cached_property
+    def default_system(self) -> str | None:
+        """The system prompt the model's chat template puts in when a conversation has none (SmolLM2, Qwen2.5)."""
+        return default_system(self.chat_template, self.bos_token, self.eos_token, self.path.parent)
 
     def token_id(self, token: str | None) -> int | None:
         raise NotImplementedError
@@ -112,9 +119,10 @@ class Tokenizer:
         """Copy the tokenizer file and the small files that carry its special tokens and chat template."""
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
-        for src in [self.path] + [self.path.parent / name for name in SIDE_FILES]:
-            if src.is_file() and src.resolve() != (out / src.name).resolve():
-                shutil.copyfile(src, out / src.name)
+        files = {self.file_name: self.path} | {name: self.path.parent / name for name in SIDE_FILES}
+        for name, src in files.items():
+            if src.is_file() and src.resolve() != (out / name).resolve():
+                shutil.copyfile(src, out / name)
         if self.writes_config:  # our checkpoint's config.json is the VLM's, so the ids move to their own file
             ids = {"bos_token_id": self.bos_id, "eos_token_id": list(self.stop_ids), "pad_token_id": self.pad_id}
             (out / "generation_config.json").write_text(json.dumps(ids, indent=2) + "\n")
@@ -123,6 +131,8 @@ class Tokenizer:
 class SentencePieceTokenizer(Tokenizer):
     """A sentencepiece `tokenizer.model`. Special-token strings split the text, and each stretch between them
     gets its own dummy-prefix space, as Llama's legacy tokenizer (and so LLaVA) does."""
+
+    file_name = "tokenizer.model"
 
     def __init__(self, path):
         self.path = Path(path)
@@ -191,6 +201,8 @@ class SentencePieceTokenizer(Tokenizer):
 
 class BPETokenizer(Tokenizer):
     """A `tokenizer.json` read by Hugging Face's `tokenizers` library (byte-level BPE, or any model it holds)."""
+
+    file_name = "tokenizer.json"
 
     def __init__(self, path):
         self.path = Path(path)

@@ -1,5 +1,6 @@
 """anyres (LLaVA-NeXT / OneVision tiles): geometry, preprocessing and feature merging against transformers."""
 
+import json
 from types import SimpleNamespace
 
 import numpy as np
@@ -22,7 +23,7 @@ from PIL import Image
 
 import anyres
 import sample
-from data import ShapesWorld, collate, encode_sample, preprocess_anyres, preprocess_video
+from data import LlavaDataset, ShapesWorld, collate, encode_sample, preprocess_anyres, preprocess_video
 from llama import LlamaConfig
 from model import VLM, VLMConfig
 from tokenizer import TooLong, build_prompt, tokenize_prompt, train_tokenizer
@@ -362,3 +363,35 @@ def test_a_40000_by_200_image_tiles_in_bounded_memory_and_keeps_its_base_view(to
     sample_ = encode_sample(record(1), [image], tok, scratch.cfg, "vicuna_v1", None, "pad")  # tiny 32 px tiles
     assert int((sample_["input_ids"] == scratch.cfg.image_token_id).sum()) == scratch.cfg.vision.grid**2
     assert scratch.image_features(sample_["pixel_values"], sample_["image_sizes"]).shape[0] == 16
+
+
+@torch.no_grad()
+def test_llava_records_with_video_encode_or_are_skipped_with_their_reason(tok, scratch, tmp_path):
+    clip = [photo(40, 56, seed=k) for k in range(10)]
+    clip[0].save(tmp_path / "clip.gif", save_all=True, append_images=clip[1:])
+    clip[0].save(tmp_path / "short.gif", save_all=True, append_images=clip[1:3])
+    (tmp_path / "broken.mp4").write_bytes(b"not a video")
+    photo(300, 500).save(tmp_path / "wide.png")
+    turns = [{"from": "human", "value": "What happens?\n<image>"}, {"from": "gpt", "value": "red"}]
+    records = [{"id": "v", "video": "clip.gif", "conversations": turns},
+               {"id": "i", "image": "wide.png", "conversations": turns},
+               {"id": "short", "video": "short.gif", "conversations": turns},
+               {"id": "broken", "video": "broken.mp4", "conversations": turns},
+               {"id": "gone", "video": "gone.mp4", "conversations": turns},
+               {"id": "both", "video": "clip.gif", "image": "wide.png", "conversations": turns}]
+    (tmp_path / "data.json").write_text(json.dumps(records))
+    dataset = LlavaDataset(tmp_path / "data.json", None, tok, scratch.cfg, frames=4)
+    samples = [dataset[i] for i in range(len(dataset))]
+    assert dataset.skip_report() == ("skipped 4 of 6 records: 2 unreadable video, 1 malformed record, "
+                                     "1 missing video")
+    video, image = samples[0], samples[1]
+    assert video["videos"].shape == (1, 4, 3, TILE, TILE) and video["pixel_values"] is None
+    assert int((video["input_ids"] == scratch.cfg.video_token_id).sum()) == scratch.cfg.video_tokens(4)
+    assert dataset.records[0]["conversations"][0]["value"] == "<image>\nWhat happens?"  # the tag goes first
+    batch = collate(samples, tok.pad_id)
+    _, loss = scratch(batch["input_ids"], batch["pixel_values"], labels=batch["labels"],
+                      image_sizes=batch["image_sizes"], videos=batch["videos"])
+    alone = [scratch(s["input_ids"][None], s["pixel_values"], labels=s["labels"][None],
+                     image_sizes=s["image_sizes"], videos=s["videos"], num_tokens=batch["num_tokens"])[1]
+             for s in (video, image)]
+    assert rel_err(loss, sum(alone)) < 1e-5

@@ -138,6 +138,7 @@ def test_special_ids_are_the_ones_transformers_reads(dirs):
     assert smol.stop_ids == (smol.token_id("<|im_end|>"),)  # SmolLM2's eos is its end of turn
     llama3 = load_tokenizer(dirs["llama3"])
     assert llama3.token_id("<|eot_id|>") in llama3.stop_ids
+    assert llama3.pad_id == llama3.eos_id  # no pad and no unk (Llama-3): batches pad with eos, masked out
 
 
 def test_generation_config_adds_stop_ids_and_config_json_ids_are_saved(llama3_dir, tmp_path):
@@ -265,6 +266,9 @@ def test_save_copies_the_files_and_loads_back_the_same_tokenizer(dirs, tmp_path)
         assert (again.bos_id, again.eos_id, again.pad_id, again.stop_ids, again.default_system) == (
             tok.bos_id, tok.eos_id, tok.pad_id, tok.stop_ids, tok.default_system)
         assert again.encode(CORPUS[0]) == tok.encode(CORPUS[0])
+    shutil.copyfile(dirs["sentencepiece"] / "tokenizer.model", tmp_path / "shapes.model")
+    SentencePieceTokenizer(tmp_path / "shapes.model").save(tmp_path / "renamed")
+    assert load_tokenizer(tmp_path / "renamed").path.name == "tokenizer.model"  # the name a checkpoint needs
 
 
 def test_template_is_detected_from_special_tokens_without_a_chat_template(dirs, tmp_path):
