@@ -107,14 +107,17 @@ def question_prompt(conversations: list[dict], template: str, suffix: str | None
 
 @torch.inference_mode()
 def evaluate_qa(model: VLM, tokenizer: Tokenizer, records: list[dict], batch_size=64, blind=False,
-                prompt_suffix=None, max_new_tokens=16, template=None) -> dict:
+                prompt_suffix=None, max_new_tokens=16, template=None, static=False) -> dict:
     """Greedy answers for every record, batched with left padding. -> {"accuracy", "correct", "total",
-    "by_category": {name: (correct, total)}, "predictions": [one dict per record]}"""
+    "by_category": {name: (correct, total)}, "predictions": [one dict per record]}
+
+    static: decode over one full-context KV cache per batch size, reused by every batch, so a compiled decode
+    step (model.compile_decode_step) sees fixed shapes and compiles at most twice (full and last batch)."""
     cfg = model.cfg
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
-    predictions = []
+    predictions, states = [], {}
     for start in range(0, len(records), batch_size):
         batch = records[start:start + batch_size]
         template = template or cfg.template
@@ -132,8 +135,12 @@ def evaluate_qa(model: VLM, tokenizer: Tokenizer, records: list[dict], batch_siz
             pixel_values = torch.zeros_like(pixel_values)
         if pixel_values is not None:
             pixel_values = pixel_values.to(device)
+        state = None
+        if static:
+            state = states[len(batch)] = states.get(len(batch)) or model.new_state(len(batch))
+            state.reset()
         new_tokens = model.generate(input_ids.to(device), pixel_values, max_new_tokens=max_new_tokens,
-                                    eos_id=tokenizer.stop_ids, attention_mask=attention_mask.to(device))
+                                    eos_id=tokenizer.stop_ids, attention_mask=attention_mask.to(device), state=state)
         for record, (_, question, reference), tokens in zip(batch, prompts, new_tokens.tolist(), strict=True):
             answer = tokenizer.decode(tokenizer.until_stop(tokens)).strip()
             prediction = {"id": record["id"], "category": record.get("category", "all"), "question": question,
@@ -214,11 +221,19 @@ def main(argv=None):
     parser.add_argument("--max-new-tokens", type=int, default=16, help="longest answer generated")
     parser.add_argument("--predictions", help="where to write predictions.jsonl (default: inside --checkpoint)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu, cuda, ...")
+    parser.add_argument("--compile", action="store_true", help="compile the one-token decode step over a static "
+                        "KV cache (inductor on CPU, CUDA graphs on CUDA); the same answers as without")
+    parser.add_argument("--quantize", choices=["int8"], default=None,
+                        help="int8 weight-only LM layers made at load time (quantize.py); answers may differ slightly")
     args = parser.parse_args(argv)
     if (args.data is None) == (args.shapes is None):
         parser.error("give exactly one of --data FILE or --shapes N")
 
     model, tokenizer = load_checkpoint(args.checkpoint, args.device)
+    if args.quantize == "int8" and model.cfg.quantize is None:
+        model.quantize_int8()
+    if args.compile:
+        model.compile_decode_step()
     try:
         if args.shapes is not None:
             world = checkpoint_world(args.checkpoint, model.cfg.vision.image_size, args.shapes)
@@ -230,7 +245,7 @@ def main(argv=None):
     if skipped:
         print(skip_report(skipped, total), file=sys.stderr)
     result = evaluate_qa(model, tokenizer, records, args.batch_size, args.blind, args.prompt_suffix,
-                         args.max_new_tokens, args.template)
+                         args.max_new_tokens, args.template, static=args.compile)
     path = args.predictions or Path(args.checkpoint) / ("predictions_blind.jsonl" if args.blind
                                                         else "predictions.jsonl")
     write_predictions(result, path)

@@ -386,6 +386,8 @@ def main(argv=None):
              "bfloat16": torch.bfloat16, "float16": torch.float16}[args.dtype]
     images = load_images(args.image)
     model, tokenizer = load(args.checkpoint, device, dtype)
+    if args.quantize == "int8" and model.cfg.quantize is None:
+        model.quantize_int8()
     if args.compile:
         model.compile_decode_step()
     if args.chat:
@@ -441,6 +443,9 @@ def parse_args(argv=None):
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ...; None = cuda if available, else cpu")
     p.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto",
                    help="weight dtype; auto = bfloat16 on CUDA, float32 on CPU")
+    p.add_argument("--quantize", choices=["int8"], default=None,
+                   help="int8 weight-only LM layers, made at load time (quantize.py): 4x fewer weight bytes read per "
+                   "token than fp32; a checkpoint converted with --quantize int8 is int8 already")
     p.add_argument("--compile", action="store_true",
                    help="compile the one-token decode step over a static KV cache, with CUDA graphs on CUDA. It "
                    "works on CPU but measured no faster there: CPU decoding is bound by reading the weights")
