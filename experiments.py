@@ -105,11 +105,14 @@ def with_levers(pretrain: Path, lm_fields: dict, out: Path) -> Path:
     return out
 
 
-def binding_sweep(work: Path, steps: dict, eval_samples: int, names: list[str], pretrain: Path | None) -> dict:
+def binding_sweep(work: Path, steps: dict, eval_samples: int, names: list[str], pretrain: Path | None,
+                  report_only=False) -> dict:
     """One caption pretraining (or `pretrain`), then each named BINDING variant's finetune from it, all with the
     same step count. A variant whose result.json holds the same settings is read back, not run again, so two
-    processes can share a sweep (--variants) and a last call writes the report."""
+    processes can share a sweep (--variants) and a last call writes the report (report_only: runs nothing)."""
     flags = ["--save-every", "100000", "--keep", "1", "--eval-every", "0"]
+    if pretrain is None and report_only:
+        pretrain = work / "pretrain"
     if pretrain is None:
         pretrain = train.train(train.parse_args(["--stage", "pretrain"] + train.MAIN_JOB["pretrain"] + flags + [
             "--max-steps", str(steps["pretrain"]), "--out", str(work / "pretrain")]))
@@ -121,6 +124,9 @@ def binding_sweep(work: Path, steps: dict, eval_samples: int, names: list[str], 
         done = run / "result.json"
         if done.is_file() and json.loads(done.read_text())["settings"] == settings:
             rows[name] = json.loads(done.read_text())["row"]
+            continue
+        if report_only:
+            print(f"== binding: {name} has no result with these settings in {run}; left out of the report")
             continue
         shutil.rmtree(run, ignore_errors=True)
         print(f"== binding: {name} ({variant})", flush=True)
@@ -149,7 +155,8 @@ def write_results(sweep: str, rows: dict, steps: dict, eval_samples: int, comman
     lines = [f"# {sweep}", "", f"Reproduce: `{command}`", "",
              f"Machine: {os.cpu_count()} CPU cores ({platform.machine()}), {torch.get_num_threads()} torch threads, "
              f"torch {torch.__version__}. Each run: {steps['pretrain']} caption steps + {steps['finetune']} "
-             f"question steps of batch 32, then {eval_samples} held-out questions; blind = images replaced by zeros.",
+             f"question steps of batch 32, then {eval_samples} held-out questions; blind = images replaced by zeros."
+             + (" One caption pretraining is shared by every variant." if binding else ""),
              "", f"![{sweep}]({sweep}.png)", "",
              "| variant | image tokens | held-out | blind | " + " | ".join(categories) + " | train min |"
              + " binding errors/wrong |" * binding,
@@ -177,6 +184,8 @@ def main(argv=None):
                    "pretraining one")
     p.add_argument("--variants", help="binding: only these variants (comma-separated), to split a sweep between "
                    "processes; the results stay in --work and the report waits for a call without --variants")
+    p.add_argument("--report", action="store_true", help="binding: write the report from the results in --work; "
+                   "train nothing")
     p.add_argument("--smoke", action="store_true", help="2 steps per stage and 8 questions: a plumbing check")
     p.add_argument("--out", type=Path, help="tables and plots (default: docs/experiments, or "
                    "out/experiments_smoke with --smoke)")
@@ -198,7 +207,9 @@ def main(argv=None):
             unknown = [n for n in names if n not in BINDING]
             if unknown:
                 raise SystemExit(f"error: --variants: unknown {unknown[0]!r}; choose from {', '.join(BINDING)}")
-            rows = binding_sweep(args.work / sweep, steps, eval_samples, names, args.pretrain)
+            rows = binding_sweep(args.work / sweep, steps, eval_samples, names, args.pretrain, args.report)
+            pretrain = args.pretrain or args.work / sweep / "pretrain"  # one, shared: say how long it trained
+            steps["pretrain"] = json.loads((pretrain / "training.json").read_text())["steps"]
             if not args.variants:  # a partial sweep leaves its results in --work for the full call to report
                 write_results(sweep, rows, steps, eval_samples, command, out)
                 print(f"{sweep}: wrote {out / sweep}.md and .png")

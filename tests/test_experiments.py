@@ -27,3 +27,20 @@ def test_budget_scales_the_main_job_schedule():
     steps = experiments.stage_steps(experiments.MAIN_JOB_MINUTES * 3, runs=3)  # one main job's time per run
     assert steps == {stage: int(args[args.index("--max-steps") + 1]) for stage, args in
                      experiments.train.MAIN_JOB.items()}
+
+
+def test_binding_sweep_splits_across_calls_reuses_results_and_reports(tmp_path):
+    common = ["binding", "--smoke", "--out", str(tmp_path / "docs"), "--work", str(tmp_path / "runs")]
+    experiments.main(common + ["--variants", "canon k3"])
+    assert not (tmp_path / "docs" / "binding.md").exists()  # a partial sweep leaves the report to a full call
+    canon = tmp_path / "runs" / "binding" / "canon_k3"
+    assert json.loads((canon / "ft" / "config.json").read_text())["lm"]["conv_kernel"] == 3  # the lever trained
+    first = (canon / "result.json").stat().st_mtime_ns
+    experiments.main(common)  # runs the baseline, reads canon k3 back
+    assert (canon / "result.json").stat().st_mtime_ns == first
+    (tmp_path / "docs" / "binding.md").unlink()
+    experiments.main(common + ["--report"])  # trains nothing, writes the same report
+    rows = json.loads((tmp_path / "docs" / "binding.json").read_text())
+    assert list(rows) == ["baseline", "canon k3"]
+    assert all(0 <= row["binding_errors"] <= row["wrong"] <= 8 for row in rows.values())
+    assert "binding errors/wrong" in (tmp_path / "docs" / "binding.md").read_text()
