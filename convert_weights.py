@@ -535,7 +535,7 @@ class Plan:
         n_params = sum(t.numel() for t in specs.values())
         dtypes = sorted({str(t.dtype).removeprefix("torch.") for t in specs.values()})
         return (f"wrote {out}: {n_params / 1e6:.1f}M parameters, {'/'.join(dtypes)}, "
-                f"{self.cfg.num_image_tokens} image tokens per image")
+                f"{self.cfg.num_image_tokens} image tokens per {'tile' if self.cfg.grid_pinpoints else 'image'}")
 
 
 def add_image_token_row(plan: Plan):
