@@ -383,11 +383,15 @@ def save_checkpoint(out: Path, step: int, model: VLM, optimizer, scheduler, scal
     trainable weights only, plus a reference to --init. A disk that refuses the write (full, read-only) stops
     every rank with one line; the previous checkpoint stays as it was."""
     trainable = full_tensors((name, p) for name, p in model.named_parameters() if p.requires_grad)
+    rngs = [rng_state()]  # every rank's: each draws its own dropout masks, as many as its batch's shape needs
+    if d.world_size > 1:
+        rngs = [None] * d.world_size
+        dist.all_gather_object(rngs, rng_state())
     failed = None
     if d.master:
         # FSDP's optimizer state is sharded: its checkpoints keep weights and schedule, and cannot be resumed.
         state = {"step": step, "optimizer": None if args.fsdp else optimizer.state_dict(),
-                 "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "rng": rng_state(),
+                 "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "rng": rngs,
                  "skipped": skipped, "global_batch": args.global_batch, "max_steps": args.max_steps}
         path = out / "checkpoints" / f"step_{step:06d}"
         try:
@@ -498,7 +502,7 @@ def resume_checkpoint(out: Path, d: Dist) -> Path | None:
     return chosen
 
 
-def load_checkpoint(path: Path, model: VLM, optimizer, scheduler, scaler, args) -> tuple[int, dict]:
+def load_checkpoint(path: Path, model: VLM, optimizer, scheduler, scaler, args, d: Dist) -> tuple[int, dict]:
     """Restore trainable weights, optimizer, schedule and RNGs in place. -> (step, skipped records)"""
     weights = load_file(path / "trainable.safetensors")
     names = set(trainable_names(model))
@@ -517,7 +521,7 @@ def load_checkpoint(path: Path, model: VLM, optimizer, scheduler, scaler, args) 
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     scaler.load_state_dict(state["scaler"])
-    set_rng_state(state["rng"])
+    set_rng_state(state["rng"][d.rank % len(state["rng"])])  # its own; another world size cannot be exact anyway
     return state["step"], state["skipped"]
 
 
@@ -625,7 +629,7 @@ def train(args) -> Path:
     step, skipped = 0, dict(getattr(dataset, "skipped", {}))
     checkpoint = resume_checkpoint(out, d) if args.resume else None
     if checkpoint is not None:
-        step, skipped = load_checkpoint(checkpoint, model, optimizer, scheduler, scaler, args)
+        step, skipped = load_checkpoint(checkpoint, model, optimizer, scheduler, scaler, args, d)
     elif args.resume and d.master:
         print(f"--resume: no checkpoint in {out / 'checkpoints'}, starting at step 0")
 
@@ -695,10 +699,14 @@ def train(args) -> Path:
                               f"{out / 'checkpoints' / f'step_{step:06d}'}; the same command with --resume "
                               f"continues (exit code {EXIT_PREEMPTED})")
                 stop.preempted = True
+                ignore_stop_signals()
                 raise SystemExit(EXIT_PREEMPTED)
     finally:
-        if not stop.preempted:  # a second signal while the process exits must not turn exit code 75 into a kill
+        if not stop.preempted:
             stop.restore()
+        # Free DDP now, on every way out: kept alive by an exception's traceback until after the process group is
+        # destroyed, its destructor waits on gloo's thread, which waits for the GIL: the rank hangs at exit.
+        train_model = None  # noqa: F841
         bar.close()
         if metrics:
             metrics.close()
@@ -743,9 +751,11 @@ class StopRequest:
             signal.signal(s, handler)
 
 
-def ignore_stop_signals(worker_id: int):
-    """DataLoader workers ignore the stop signals: Slurm signals every process of a job, and a worker killed
-    by SIGTERM would crash the loader before the main process could save. The main process stops them itself."""
+def ignore_stop_signals(worker_id: int | None = None):
+    """Ignore the stop signals from here on. In DataLoader workers: Slurm signals every process of a job, and a
+    worker killed by SIGTERM would crash the loader before the main process could save. In a rank that has saved
+    and exits 75: Python's shutdown resets its own handlers, so a second SIGTERM (torchrun sends one to the other
+    ranks when one exits) would turn 75 into a kill."""
     for s in STOP_SIGNALS:
         signal.signal(s, signal.SIG_IGN)
 

@@ -137,7 +137,8 @@ def test_sigterm_under_torchrun_stops_both_ranks_and_resume_is_bit_identical(mic
         stdout, stderr = proc.communicate(timeout=120)  # a hung rank would time out here
         saved = checkpoints(out)[-1]
         assert proc.returncode != 0 and int(saved[5:]) > done, stderr[-3000:]
-        assert stderr.count(f"exitcode  : {train.EXIT_PREEMPTED}") == 2 or target == "torchrun", stderr[-3000:]
+        if target == "rank 1":  # torchrun reports each rank's exit code; signalled itself, it reports the signal
+            assert stderr.count(f"exitcode  : {train.EXIT_PREEMPTED} ") == 2, stderr[-3000:]
         assert f": stopped after step {int(saved[5:])}, saved" in stdout
         done = int(saved[5:])
     subprocess.run(torchrun + ["--out", str(out), "--resume"], cwd=ROOT, env=env, check=True, capture_output=True,

@@ -161,7 +161,7 @@ def test_checkpoint_is_atomic_and_holds_only_trainable_weights(micro_dir, tmp_pa
     projector = {n for n in weights(micro_dir) if n.startswith("projector.")}
     assert set(load_file(ckpt / "trainable.safetensors")) == projector
     state = torch.load(ckpt / "train_state.pt", weights_only=True)
-    assert state["step"] == 4 and set(state["rng"]) >= {"python", "numpy", "torch"}
+    assert state["step"] == 4 and len(state["rng"]) == 1 and set(state["rng"][0]) >= {"python", "numpy", "torch"}
     assert json.loads((ckpt / "init.json").read_text())["init"] == str(micro_dir.resolve())
 
     def crash(*a, **kw):  # the process dies while writing train_state.pt
