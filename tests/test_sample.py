@@ -1,6 +1,7 @@
 """sample.py, and the generation API it stands on: CLI answers equal VLM.generate, streaming, several images,
 chat over a persistent KV cache, attention maps on a briefly trained tiny model, --compile, and the error paths."""
 
+import dataclasses
 import io
 import subprocess
 import sys
@@ -16,7 +17,7 @@ from data import ShapesDataset, ShapesWorld, collate, load_image
 from llama import LlamaConfig
 from model import VLM, VLMConfig
 from projector import ProjectorConfig
-from tokenizer import build_prompt, load_tokenizer, tokenize_prompt, train_tokenizer
+from tokenizer import build_prompt, encode_prompt, load_tokenizer, tokenize_prompt, train_tokenizer
 from vit import ViTConfig
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -107,6 +108,28 @@ def test_a_text_only_chat_answers_each_turn(trained):
     first = chat.ask("What color is the circle?")
     assert first == reference_answer(trained, "What color is the circle?", [], max_new_tokens=8)
     assert isinstance(chat.ask("How many objects are there?"), str) and len(chat.messages) == 4
+
+
+def test_a_chatml_chat_prefills_its_system_prompt_then_only_each_new_turn(smollm2_hf_dir, monkeypatch):
+    """SmolLM2's tokenizer and template on a random tiny model: turn one is exactly the model's own prompt (its
+    default system prompt included); turn two is the cut answer's end of turn plus the new user piece."""
+    tokenizer = load_tokenizer(smollm2_hf_dir)
+    cfg = dataclasses.replace(tiny_cfg(tokenizer.vocab_size), template="chatml")
+    torch.manual_seed(0)
+    model = VLM(cfg).eval()
+    prefills, stream = [], model.stream
+    monkeypatch.setattr(model, "stream", lambda ids, *rest, **kw: prefills.append(ids[0].tolist())
+                        or stream(ids, *rest, **kw))
+    chat = sample.Chat(model, tokenizer, [], max_new_tokens=3)
+    question = [{"from": "human", "value": "What is the capital of France?"}]
+    answer = chat.ask(question[0]["value"])
+    assert prefills[0] == encode_prompt(tokenizer, build_prompt(question, "chatml", tokenizer), "chatml", 0, 0)
+    last = chat.pending[0]
+    chat.ask("And of Spain?")
+    end = tokenizer.token_id("<|im_end|>")
+    new_turn = tokenizer.encode("\n<|im_start|>user\nAnd of Spain?<|im_end|>\n<|im_start|>assistant\n")
+    assert prefills[1] == [last] + [end] * (last != end) + new_turn
+    assert isinstance(answer, str)
 
 
 def test_default_prompt_describes_the_image(trained, capsys):
