@@ -12,17 +12,21 @@ plus attention, 12 L T d per LM token for a trained LM (forward + backward) and 
 """
 
 import argparse
+import copy
 import json
 import statistics
 import tempfile
 import time
 from contextlib import nullcontext
+from functools import partial
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 from model import VLM, preset
 
+COPY_MB = 512  # the bandwidth benchmark's buffer, 16x the L3
 PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}  # dense bf16 tensor-core peak
 
 
@@ -139,27 +143,257 @@ def bench_train(ours, hf, args, device, dtype, report):
             report["train"][name]["peak_gb"] = torch.cuda.max_memory_allocated() / 1e9
 
 
-def generate_fns(ours, hf, ids, pixels, new_tokens: int) -> dict:
-    """{name: callable} generating exactly `new_tokens` greedy tokens with each implementation."""
+def generate_fns(ours, hf, ids, pixels, new_tokens: int, compiled=None, state=None) -> dict:
+    """{name: callable} generating exactly `new_tokens` greedy tokens with each implementation.
+
+    compiled: a copy of ours with compile_decode_step(), run over `state`, one fixed-size cache for every call."""
     fns = {"ours": lambda: ours.generate(ids, pixels, max_new_tokens=new_tokens)}
+    if compiled is not None:
+        fns["ours compiled"] = lambda: (state.reset(), compiled.generate(ids, pixels, max_new_tokens=new_tokens,
+                                                                         state=state))[1]
     if hf is not None:
-        kw = dict(input_ids=ids, pixel_values=pixels, do_sample=False, pad_token_id=0, eos_token_id=None)
-        fns["transformers"] = lambda: hf.generate(**kw, max_new_tokens=new_tokens, min_new_tokens=new_tokens)
+        kw = dict(input_ids=ids, pixel_values=pixels, do_sample=False, pad_token_id=0, eos_token_id=None,
+                  max_new_tokens=new_tokens, min_new_tokens=new_tokens)
+        fns["transformers"] = lambda: hf.generate(**kw)
+        fns["transformers static"] = lambda: hf.generate(**kw, cache_implementation="static")
     return fns
 
 
 def bench_decode(ours, hf, args, device, dtype, report):
-    """Decode speed excludes the prompt: (total time - time to the first token) over the later tokens."""
+    """Batch 1 and 8: ours eager and compiled, transformers with its default (dynamic) and its static cache."""
+    compiled = copy.deepcopy(ours)
+    compiled.compile_decode_step()
     for batch_size in (1, 8):
         ids, pixels, _ = make_batch(ours, batch_size, args.text_tokens, device)
         pixels = pixels.to(dtype)
-        with torch.inference_mode():
-            times = interleave(generate_fns(ours, hf, ids, pixels, args.new_tokens), args.repeats, args.warmup, device)
-            first = interleave(generate_fns(ours, hf, ids, pixels, 1), args.repeats, args.warmup, device)
-        for name in times:
-            total, prefill = statistics.median(times[name]), statistics.median(first[name])
-            report.setdefault(f"decode_b{batch_size}", {})[name] = {
-                "tokens_per_s": batch_size * (args.new_tokens - 1) / max(total - prefill, 1e-9), "prefill_s": prefill}
+        state = compiled.new_state(batch_size, ids.size(1) + args.new_tokens)
+        make_fns = partial(generate_fns, ours, hf, ids, pixels, compiled=compiled, state=state)  # (n) -> fns
+        rows = decode_rates(make_fns, batch_size, args.new_tokens, args, device)
+        for row in rows.values():
+            row |= {"weight_mb": decode_bytes(ours) / 1e6, "batch_size": batch_size}  # transformers: the same
+        report[f"decode_b{batch_size}"] = rows
+
+
+def decode_bytes(model: VLM) -> int:
+    """Weight bytes one decode step reads: the blocks and the head (tied or not, int8 with its scales). Of the
+    embedding table it reads one row."""
+    tensors = {id(t): t for part in (model.lm.blocks, model.lm.head) for t in [*part.parameters(), *part.buffers()]}
+    return sum(t.numel() * t.element_size() for t in tensors.values())
+
+
+def copy_bandwidth(mb: int = COPY_MB, repeats: int = 5) -> float:
+    """The machine's memory bandwidth in GB/s from a plain large copy: bytes read plus bytes written over the
+    best time. Far larger than the 32 MB L3, so it measures DRAM, the ceiling for weights that do not fit."""
+    src = torch.ones(mb * 2**20 // 4)
+    dst = torch.empty_like(src)
+    dst.copy_(src)  # touch every page first
+    best = min(timed(lambda: dst.copy_(src), torch.device("cpu")) for _ in range(repeats))
+    return 2 * src.numel() * 4 / best / 1e9
+
+
+def decode_rates(make_fns, batch_size: int, new_tokens: int, args, device) -> dict:
+    """{name: {tokens_per_s, prefill_s}} for make_fns(n) -> {name: callable that generates n tokens}, timed
+    interleaved. Decode speed excludes the prompt: (total time - time to the first token) over the later tokens."""
+    with torch.inference_mode():
+        times = interleave(make_fns(new_tokens), args.repeats, args.warmup, device)
+        first = interleave(make_fns(1), args.repeats, args.warmup, device)
+    rows = {}
+    for name in times:
+        total, prefill = statistics.median(times[name]), statistics.median(first[name])
+        rows[name] = {"tokens_per_s": batch_size * (new_tokens - 1) / max(total - prefill, 1e-9), "prefill_s": prefill}
+    return rows
+
+
+def load_hf_lm(path: Path, device, dtype):
+    """transformers' own model for an HF LM dir, or for a GGUF file, which it dequantizes itself."""
+    import transformers  # only the benchmark's oracle, never a runtime dependency
+
+    where, kw = (path.parent, {"gguf_file": path.name}) if path.is_file() else (path, {})
+    hf = transformers.AutoModelForCausalLM.from_pretrained(where, dtype=dtype, attn_implementation="sdpa", **kw)
+    return hf.to(device).eval()
+
+
+def our_paths(args, device, dtype, max_len: int) -> dict:
+    """--paths: {name: (model, state)} for each of our decode paths on --checkpoint, e.g. "bf16", "int8",
+    "int8 compiled". A compiled path decodes over one fixed-size state, reset before each call."""
+    paths = {}
+    for path in filter(None, args.paths.split(",")):
+        kind, _, compiled = path.strip().partition(" ")
+        if kind not in ("fp32", "bf16", "int8") or compiled not in ("", "compiled"):
+            raise SystemExit(f"--paths: {path!r} is not fp32, bf16 or int8, optionally followed by ' compiled'")
+        model = VLM.from_pretrained(args.checkpoint, device=device,
+                                    dtype=torch.bfloat16 if kind == "bf16" else dtype).eval()
+        if kind == "int8" and model.cfg.quantize is None:
+            model.quantize_int8()
+        state = None
+        if compiled:
+            model.compile_decode_step()
+            state = model.new_state(1, max_len)
+        paths[f"ours {path.strip()}"] = (model, state)
+    return paths
+
+
+def generate_over(model: VLM, state, ids, n: int):
+    if state is not None:
+        state.reset()
+    return model.generate(ids, max_new_tokens=n, state=state)
+
+
+def load_llama_cpp(gguf: Path):
+    """llama.cpp on the same GGUF file, through llama-cpp-python: a benchmark-only yardstick, never a dependency."""
+    try:
+        from llama_cpp import Llama
+    except ImportError:
+        raise SystemExit("--llama-cpp needs llama-cpp-python (pip install llama-cpp-python; see docs/perf.md for "
+                         "the build flags)") from None
+    return Llama(model_path=str(gguf), n_ctx=1024, n_threads=torch.get_num_threads(), n_batch=512, verbose=False)
+
+
+def llama_cpp_generate(llm, prompt: list[int], n: int) -> list[int]:
+    """n greedy tokens after a fresh prefill of `prompt`; like ours, it never stops at eos."""
+    llm.reset()
+    tokens = []
+    for token in llm.generate(prompt, top_k=1, temp=0.0, reset=True):
+        tokens.append(token)
+        if len(tokens) == n:
+            return tokens
+    return tokens
+
+
+def gguf_decode_bytes(gguf: Path) -> int:
+    """Bytes of a GGUF file's tensors that one decode step reads: all of them (a tied model's token table is
+    also its head, read in full)."""
+    from gguf import GGUFReader
+
+    return sum(int(t.n_bytes) for t in GGUFReader(gguf).tensors)
+
+
+QUALITY_TEXT = Path(__file__).parent / "docs" / "quality_text.txt"
+
+
+@torch.inference_mode()
+def bench_quality(args, device) -> dict:
+    """Each reduced-precision path against fp32, teacher-forced on docs/quality_text.txt (~2,600 SmolLM2 tokens):
+    top-1 agreement, the largest logit difference, and perplexity. The int8 variants say whether the LM head and
+    the embedding table need full precision: "int8, fp32 head" keeps the head, "int8 + int8 embeddings" also
+    rounds the table that the prompt's tokens are looked up in."""
+    from quantize import Int8Linear, quantize_int8, quantize_weight
+    from tokenizer import load_tokenizer
+
+    ids = torch.tensor([load_tokenizer(args.checkpoint).encode(QUALITY_TEXT.read_text())], device=device)
+    fp32 = VLM.from_pretrained(args.checkpoint, device=device).eval()
+
+    def load(dtype=None, int8=False, skip=(), embed_int8=False, fused=True):
+        model = VLM.from_pretrained(args.checkpoint, device=device, dtype=dtype).eval()
+        if int8:
+            quantize_int8(model.lm, skip)
+            for layer in model.modules():
+                if isinstance(layer, Int8Linear):
+                    layer.fused = fused
+        if embed_int8:
+            q, scales = quantize_weight(model.lm.tok_embed.weight)
+            model.lm.tok_embed.weight.copy_(q * scales[:, None])
+        return model
+
+    variants = {"bf16": lambda: load(torch.bfloat16), "int8": lambda: load(int8=True),
+                "int8, fp32 activations (plain path)": lambda: load(int8=True, fused=False),
+                "int8, fp32 head": lambda: load(int8=True, skip=("head",)),
+                "int8 + int8 embeddings": lambda: load(int8=True, embed_int8=True)}
+    targets = ids[0, 1:]
+    ref = fp32(ids)[0][0, :-1].float()  # (T - 1, V)
+    ref_ppl = F.cross_entropy(ref, targets).exp().item()
+    rows = {"fp32": {"tokens": len(targets), "ppl": ref_ppl}}
+    for name, make in variants.items():
+        logits = make()(ids)[0][0, :-1].float()
+        ppl = F.cross_entropy(logits, targets).exp().item()
+        rows[name] = {"top1_agreement": (logits.argmax(-1) == ref.argmax(-1)).float().mean().item(),
+                      "max_logit_error": (logits - ref).abs().max().item(), "ppl": ppl,
+                      "ppl_change": ppl / ref_ppl - 1}
+    rows["fp32"]["logit_scale"] = ref.abs().max().item()
+    return rows
+
+
+def print_quality(rows: dict):
+    fp32 = rows["fp32"]
+    print(f"teacher-forced on {fp32['tokens']} tokens of {QUALITY_TEXT.name}; fp32 perplexity {fp32['ppl']:.3f}, "
+          f"largest |logit| {fp32['logit_scale']:.1f}")
+    print(f"{'path':<38}{'top-1 agreement':>16}{'max logit error':>17}{'perplexity':>12}{'vs fp32':>9}")
+    for name, row in rows.items():
+        if name != "fp32":
+            print(f"{name:<38}{row['top1_agreement']:>16.2%}{row['max_logit_error']:>17.3f}{row['ppl']:>12.3f}"
+                  f"{row['ppl_change']:>+9.2%}")
+
+
+def bench_lm_decode(args, device, dtype, report):
+    """Batch-1 greedy decode of a converted real LM (text only, a chat prompt) against transformers' generate on
+    the same weights (--hf-lm: the HF dir or GGUF file it was converted from), in one run."""
+    from tokenizer import build_prompt, encode_prompt, load_tokenizer
+
+    ours = VLM.from_pretrained(args.checkpoint, device=device, dtype=dtype).eval()
+    cfg, tokenizer = ours.cfg, load_tokenizer(args.checkpoint)
+    prompt = build_prompt([{"from": "human", "value": "Tell me about the history of Lisbon."}], cfg.template,
+                          tokenizer)
+    ids = torch.tensor([encode_prompt(tokenizer, prompt, cfg.template, cfg.image_token_id, 0)], device=device)
+    peers = {"transformers": load_hf_lm(args.hf_lm, device, dtype)} if args.hf_lm else {}
+
+    paths = our_paths(args, device, dtype, ids.size(1) + args.new_tokens)  # {name: (model, state or None)}
+    llama_cpp = load_llama_cpp(args.llama_cpp) if args.llama_cpp else None
+
+    def make_fns(n: int) -> dict:  # exactly n greedy tokens each: no eos stops either early
+        fns = {"ours": lambda: ours.generate(ids, max_new_tokens=n)}
+        fns |= {name: partial(generate_over, model, state, ids, n) for name, (model, state) in paths.items()}
+        for name, hf in peers.items():
+            fns[name] = lambda hf=hf: hf.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False,
+                                                  max_new_tokens=n, min_new_tokens=n, eos_token_id=None,
+                                                  pad_token_id=tokenizer.pad_id)[:, ids.size(1):]
+        if llama_cpp is not None:
+            fns["llama.cpp"] = partial(llama_cpp_generate, llama_cpp, ids[0].tolist(), n)
+        return fns
+
+    report["lm_decode_b1"] = decode_rates(make_fns, 1, args.new_tokens, args, device)
+    models = {"ours": ours, "transformers": ours} | {name: model for name, (model, _) in paths.items()}
+    for name, row in report["lm_decode_b1"].items():  # transformers reads the same weights as ours
+        row["weight_mb"] = (decode_bytes(models[name]) if name in models else gguf_decode_bytes(args.llama_cpp)) / 1e6
+    with torch.inference_mode():
+        outputs = {name: torch.as_tensor(fn()).view(-1).tolist() for name, fn in make_fns(args.new_tokens).items()}
+    ours_tokens = outputs.pop("ours")
+    for name, tokens in outputs.items():  # fp32 peers must agree, or the comparison is not like for like
+        report["lm_decode_b1"][name]["same_tokens"] = tokens == ours_tokens
+    report["config"] = f"{args.checkpoint} (prompt {ids.size(1)} tokens, {args.new_tokens} new)"
+
+
+def bench_tokenize(args, report):
+    """encode_conversation (ids + assistant-only labels) over ShapesWorld conversations in LLaVA's layout (an image
+    tag, then questions and answers), samples/s: a ShapesWorld sentencepiece tokenizer trained here, and with
+    --checkpoint its own tokenizer (e.g. SmolLM2's tokenizer.json) in vicuna_v1 and in its own template. Each
+    pass over --samples conversations is timed in turn, --repeats rounds, so shared-machine noise hits all alike."""
+    from data import ShapesWorld
+    from tokenizer import detect_template, encode_conversation, load_tokenizer, train_tokenizer
+
+    world = ShapesWorld()
+    unique = [world.conversation(world.scene(i), i)[0] for i in range(min(args.samples, 2000))]
+    conversations = [unique[i % len(unique)] for i in range(args.samples)]
+    with tempfile.TemporaryDirectory() as tmp:
+        peers = {"sentencepiece vicuna_v1": (train_tokenizer(world.texts(500), 400, Path(tmp) / "t.model"),
+                                             "vicuna_v1")}
+    if args.checkpoint:
+        tok = load_tokenizer(args.checkpoint)
+        kind = "bpe" if tok.path.suffix == ".json" else "sentencepiece"
+        for template in dict.fromkeys(("vicuna_v1", detect_template(args.checkpoint))):
+            peers[f"{kind} {template}"] = (tok, template)
+
+    def one_pass(tok, template):
+        return lambda: sum(len(encode_conversation(tok, c, template, 10**9, 1)[0]) for c in conversations)
+
+    times = interleave({name: one_pass(*peer) for name, peer in peers.items()}, args.repeats, 0, torch.device("cpu"))
+    base = args.samples / statistics.median(times["sentencepiece vicuna_v1"])
+    report["tokenize"] = {}
+    for name, (tok, template) in peers.items():
+        rate = args.samples / statistics.median(times[name])
+        tokens = sum(len(encode_conversation(tok, c, template, 10**9, 1)[0]) for c in unique) / len(unique)
+        report["tokenize"][name] = {"samples_per_s": rate, "tokens_per_sample": tokens, "vs_sentencepiece": rate / base}
+    report["config"] = f"{args.samples:,} ShapesWorld conversations, {args.repeats} rounds" + (
+        f", {args.checkpoint}" if args.checkpoint else "")
 
 
 def llava_mix_samples(model: VLM, n: int, seed=0) -> list[dict]:
@@ -231,6 +465,27 @@ def load_hf_twin(model: VLM, device, dtype):
     return hf.to(device).train(False)
 
 
+def print_roofline(report: dict):
+    """Each decode path's tokens/s, its ratio to transformers' default generate, and the weight bytes it streams
+    per second (weight bytes per step x steps/s) as a fraction of the measured copy bandwidth."""
+    bandwidth = report.get("copy_gb_s")
+    for section, rows in report.items():
+        if not (isinstance(rows, dict) and "ours" in rows and "weight_mb" in rows["ours"]):
+            continue
+        batch = rows["ours"].get("batch_size", 1)
+        base = rows.get("transformers", {}).get("tokens_per_s")
+        print(f"{section:<24}{'tokens/s':>10}{'vs transformers':>17}{'weights MB':>12}{'GB/s':>8}"
+              f"{'of copy bw' if bandwidth else '':>12}")
+        for name, row in rows.items():
+            gb_s = row["weight_mb"] / 1e3 * row["tokens_per_s"] / batch
+            ratio = f"{row['tokens_per_s'] / base:.2f}x" if base else ""
+            share = f"{gb_s / bandwidth:.0%}" if bandwidth else ""
+            print(f"  {name:<22}{row['tokens_per_s']:>10,.1f}{ratio:>17}{row['weight_mb']:>12.1f}{gb_s:>8.1f}"
+                  f"{share:>12}")
+    if bandwidth:
+        print(f"copy bandwidth (plain {COPY_MB} MB copy, read + write): {bandwidth:.1f} GB/s")
+
+
 def print_table(report: dict):
     if "pack" in report:
         padded, packed = report["pack"]["padded"], report["pack"]["packed"]
@@ -238,7 +493,9 @@ def print_table(report: dict):
             print(f"{name:<8} {row['rows']:>3} rows x {row['row_len']:>4} tokens  {row['step_s']:.3f} s/step  "
                   f"{row['real_tokens_per_s']:,.0f} real tokens/s")
         print(f"packing gain: {packed['real_tokens_per_s'] / padded['real_tokens_per_s']:.2f}x")
-    sections = {k: rows for k, rows in report.items() if isinstance(rows, dict) and "ours" in rows}
+    print_roofline(report)
+    sections = {k: rows for k, rows in report.items() if isinstance(rows, dict) and "ours" in rows
+                and "weight_mb" not in rows["ours"]}  # decode sections: print_roofline's table
     if not sections:
         return
     print(f"{'measure':<28}{'ours':>14}{'transformers':>16}{'ratio':>10}")
@@ -256,8 +513,21 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--config", default="small", help="a preset from model.py: tiny, small, tinyllava-1.1b, ...")
-    p.add_argument("--what", choices=["train", "decode", "pack", "all"], default="all",
-                   help="pack: padded vs packed finetuning batches with LLaVA-mix-like lengths (ours only)")
+    p.add_argument("--what", choices=["train", "decode", "pack", "lm-decode", "quality", "tokenize", "all"],
+                   default="all",
+                   help="pack: padded vs packed finetuning batches with LLaVA-mix-like lengths (ours only); "
+                   "lm-decode: batch-1 text decode of a converted real LM (--checkpoint) against transformers "
+                   "(--hf-lm); tokenize: encode_conversation samples/s, sentencepiece against --checkpoint's "
+                   "tokenizer (--samples); quality: bf16 and int8 against fp32, teacher-forced on "
+                   "docs/quality_text.txt (--checkpoint); none of these is part of all")
+    p.add_argument("--checkpoint", type=Path, help="lm-decode: our checkpoint, e.g. converted from SmolLM2")
+    p.add_argument("--hf-lm", type=Path, help="lm-decode: the HF dir or .gguf file it was converted from, run by "
+                   "transformers on the same weights (omit to time ours alone)")
+    p.add_argument("--paths", default="", help="lm-decode, quality: more of our decode paths on --checkpoint, "
+                   "comma-separated: fp32, bf16, int8, each optionally followed by ' compiled' (e.g. 'bf16,int8 "
+                   "compiled')")
+    p.add_argument("--llama-cpp", type=Path, metavar="FILE.gguf", help="lm-decode: also time llama.cpp "
+                   "(llama-cpp-python) on this GGUF file, with the same threads")
     p.add_argument("--compare-hf", action="store_true", help="also time transformers on the same weights")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
@@ -265,6 +535,7 @@ def main(argv=None):
     p.add_argument("--batch-size", type=int, default=8, help="training micro-batch")
     p.add_argument("--text-tokens", type=int, default=64, help="text tokens after the image block")
     p.add_argument("--new-tokens", type=int, default=64, help="tokens to decode")
+    p.add_argument("--samples", type=int, default=100_000, help="tokenize: conversations per timed pass")
     p.add_argument("--repeats", type=int, default=5, help="timed rounds per implementation")
     p.add_argument("--warmup", type=int, default=2, help="untimed rounds first")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
@@ -276,6 +547,39 @@ def main(argv=None):
     dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    if args.what == "tokenize":
+        report = {}
+        bench_tokenize(args, report)
+        print(f"{report['config']}; cpu, one process")
+        for name, row in report["tokenize"].items():
+            print(f"{name:<28}{row['samples_per_s']:>12,.0f} samples/s{row['tokens_per_sample']:>8.1f} tokens/sample"
+                  f"{row['vs_sentencepiece']:>8.2f}x")
+        if args.json:
+            args.json.write_text(json.dumps(report, indent=2) + "\n")
+        return
+    if args.what == "quality":
+        if args.checkpoint is None:
+            p.error("--what quality needs --checkpoint (a converted real LM, e.g. SmolLM2)")
+        report = {"quality": bench_quality(args, device)}
+        print_quality(report["quality"])
+        if args.json:
+            args.json.write_text(json.dumps(report, indent=2) + "\n")
+        return
+    if args.what == "lm-decode":
+        if args.checkpoint is None:
+            p.error("--what lm-decode needs --checkpoint (and --hf-lm for the ratio)")
+        report = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+                  "threads": torch.get_num_threads(), "dtype": str(dtype).removeprefix("torch.")}
+        report["copy_gb_s"] = copy_bandwidth() if device.type == "cpu" else None
+        bench_lm_decode(args, device, dtype, report)
+        print(f"{report['config']} on {report['device']} ({report['threads']} threads), {report['dtype']}")
+        print_table(report)
+        for name, row in report["lm_decode_b1"].items():
+            if "same_tokens" in row:
+                print(f"{name}: {'the same' if row['same_tokens'] else 'DIFFERENT'} greedy tokens as ours")
+        if args.json:
+            args.json.write_text(json.dumps(report, indent=2) + "\n")
+        return
     torch.manual_seed(0)
     ours = VLM(preset(args.config)).to(device)
     hf = load_hf_twin(ours, device, torch.float32) if args.compare_hf else None
@@ -286,6 +590,7 @@ def main(argv=None):
     if args.what == "pack":
         bench_pack(ours, args, device, dtype, report)
     if args.what in ("decode", "all"):
+        report["copy_gb_s"] = copy_bandwidth() if device.type == "cpu" else None
         ours_dec, hf_dec = ours.to(dtype).eval(), hf.to(dtype).eval() if hf is not None else None
         bench_decode(ours_dec, hf_dec, args, device, dtype, report)
     print(f"config {args.config} on {report['device']} ({report['threads']} threads), {report['dtype']}")

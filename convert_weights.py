@@ -23,6 +23,7 @@ from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_token
 from llama import LlamaConfig
 from model import VLM, VLMConfig
 from projector import Projector, ProjectorConfig
+from tokenizer import TEMPLATES, detect_template, load_tokenizer
 from vit import ViTConfig
 
 # ----------------------------------------------------------------------------- reading checkpoints
@@ -290,7 +291,9 @@ GGUF_MAP = {  # our key -> llama.cpp's tensor name; the head ("output.weight") i
     "blocks.{}.mlp.down.weight": "blk.{}.ffn_down.weight",
     "norm.weight": "output_norm.weight",
 }
-GGUF_ARCHS = ("llama",)  # llama.cpp's name for Llama-1/2/3, Mistral 7B, TinyLlama, SmolLM2: our blocks exactly
+# llama.cpp's architectures that are our blocks exactly -> whether its converter permuted their q/k rows.
+# "llama" is Llama-1/2/3, Mistral 7B, TinyLlama and SmolLM2; "qwen2" (Qwen2/2.5) adds biases on q, k and v.
+GGUF_ARCHS = {"llama": True, "qwen2": False}
 
 
 def import_gguf():
@@ -381,7 +384,7 @@ class GGUFSource:
         scaling = self.field(f"{a}.rope.scaling.type", "none")
         if scaling not in ("none", "linear"):
             raise ValueError(f"{self.path}: RoPE scaling {scaling!r} is not supported (none, linear)")
-        for i in range(self.field(f"{a}.block_count")):
+        for i in range(self.field(f"{a}.block_count") if GGUF_ARCHS[a] else 0):
             self.rope_heads[f"blk.{i}.attn_q.weight"] = self.rope_heads[f"blk.{i}.attn_q.bias"] = heads
             self.rope_heads[f"blk.{i}.attn_k.weight"] = self.rope_heads[f"blk.{i}.attn_k.bias"] = kv_heads
         return LlamaConfig(
@@ -392,7 +395,7 @@ class GGUFSource:
             rope_scaling={"type": "linear", "factor": self.field(f"{a}.rope.scaling.factor")}
             if scaling == "linear" else None,
             max_seq_len=self.field(f"{a}.context_length"), attn_bias="blk.0.attn_q.bias" in self.tensors,
-            tie_embeddings="output.weight" not in self.tensors,
+            proj_bias="blk.0.attn_output.bias" in self.tensors, tie_embeddings="output.weight" not in self.tensors,
         )
 
 
@@ -468,6 +471,18 @@ def write_gguf_tokenizer(src: GGUFSource, out: Path, rows: int):
     (out / "generation_config.json").write_text(json.dumps(ids | {"eos_token_id": sorted(set(stop))}, indent=2) + "\n")
     if "tokenizer.chat_template" in src.fields:
         (out / "chat_template.jinja").write_text(src.field("tokenizer.chat_template"))
+
+
+def write_lm_tokenizer(lm: "Path | GGUFSource", out: Path, rows: int) -> str:
+    """Put the LM's tokenizer beside the weights (built from a GGUF's metadata, or the HF dir's own files) and
+    return the chat template they name. Refuses a vocabulary larger than the embedding table's `rows`."""
+    if isinstance(lm, GGUFSource):
+        write_gguf_tokenizer(lm, out, rows)
+    elif any((lm / name).is_file() for name in ("tokenizer.json", "tokenizer.model")):  # else a bare test model
+        tokenizer = load_tokenizer(lm)
+        tokenizer.check_fits(rows)
+        tokenizer.save(out)
+    return detect_template(out)
 
 
 def take_gguf_lm(plan: "Plan", src: GGUFSource):
@@ -792,6 +807,10 @@ def main(argv=None):
     p.add_argument("--quantize", choices=["int8"], default=None,
                    help="store the LM's linear layers as int8 with per-channel scales (quantize.py): 4x fewer bytes "
                    "read per decoded token; the vision tower and embeddings stay as they are")
+    p.add_argument("--template", choices=TEMPLATES, default=None,
+                   help="chat template recorded in config.json for --vision + --lm (default: detected from the LM's "
+                   "own chat template or special tokens: chatml for SmolLM2 / Qwen2.5, llama3, mistral; else "
+                   "vicuna_v1)")
     args = p.parse_args(argv)
     dtype = getattr(torch, args.dtype) if args.dtype else None
     if args.quantize and args.to_hf:
@@ -805,9 +824,8 @@ def main(argv=None):
         elif args.vision and args.lm:
             lm = GGUFSource(args.lm) if args.lm.is_file() else args.lm
             plan = from_towers(args.vision, lm, args.projector, args.seed)
-            if isinstance(lm, GGUFSource):
-                write_gguf_tokenizer(lm, args.out, plan.cfg.image_token_id)
-            print(plan.write(args.out, dtype, None if isinstance(lm, GGUFSource) else args.lm / "tokenizer.model"))
+            plan.cfg.template = args.template or write_lm_tokenizer(lm, args.out, plan.cfg.image_token_id)
+            print(plan.write(args.out, dtype))
         else:
             p.error("give --vision and --lm, or --llava, or --to-hf")
         if args.quantize:

@@ -163,13 +163,29 @@ def test_cli_errors_are_one_line_without_traceback(clip_dir, llama_dir, tmp_path
     assert r.returncode != 0 and "Traceback" not in r.stderr and "nowhere" in r.stderr
 
 
+def tiny_tokenizer_json(path: Path, n_tokens: int) -> Path:
+    """A byte-level-free BPE tokenizer.json of n_tokens tokens: "<unk>", "<s>", "</s>", then "t3", "t4", ..."""
+    from tokenizers import Tokenizer, models
+
+    vocab = {t: i for i, t in enumerate(["<unk>", "<s>", "</s>"] + [f"t{i}" for i in range(3, n_tokens)])}
+    Tokenizer(models.BPE(vocab, [], unk_token="<unk>")).save(str(path))
+    return path
+
+
 def test_cli_prints_a_one_line_summary(clip_dir, llama_dir, tmp_path):
-    (llama_dir / "tokenizer.model").write_bytes(b"not really a tokenizer, copied verbatim")
-    try:
-        r = run_cli("--vision", clip_dir, "--lm", llama_dir, "--out", tmp_path / "o", "--dtype", "bfloat16")
-    finally:
-        (llama_dir / "tokenizer.model").unlink()
+    lm = rewrite(llama_dir, tmp_path / "lm")
+    tiny_tokenizer_json(lm / "tokenizer.json", 50)
+    r = run_cli("--vision", clip_dir, "--lm", lm, "--out", tmp_path / "o", "--dtype", "bfloat16")
     assert r.returncode == 0, r.stderr
     assert "M parameters, bfloat16, 16 image tokens" in r.stdout
-    assert (tmp_path / "o" / "tokenizer.model").is_file()
+    assert (tmp_path / "o" / "tokenizer.json").read_text() == (lm / "tokenizer.json").read_text()
     assert VLM.from_pretrained(tmp_path / "o").lm.tok_embed.weight.dtype == torch.bfloat16
+
+
+def test_hf_lm_refuses_a_tokenizer_larger_than_its_embedding_table(clip_dir, llama_dir, tmp_path):
+    lm = rewrite(llama_dir, tmp_path / "lm")
+    tiny_tokenizer_json(lm / "tokenizer.json", VOCAB + 5)
+    r = run_cli("--vision", clip_dir, "--lm", lm, "--out", tmp_path / "o")
+    assert r.returncode != 0 and "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    assert f"{lm / 'tokenizer.json'}: {VOCAB + 5} tokens, but the model's embedding table has only {VOCAB} rows" \
+        in r.stderr

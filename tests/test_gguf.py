@@ -52,12 +52,14 @@ def write_gguf(path, model, arch="llama", tokens=TOKENS, tied=False, qtype=gguf.
              "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output",
              "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down"}
     for i in range(c.num_hidden_layers):
-        names |= {f"model.layers.{i}.{hf}.weight": f"blk.{i}.{ours}.weight" for hf, ours in parts.items()}
+        names |= {f"model.layers.{i}.{hf}.{kind}": f"blk.{i}.{ours}.{kind}" for hf, ours in parts.items()
+                  for kind in ("weight", "bias")}
+    state = model.state_dict()
     for hf, name in names.items():
-        if tied and name == "output.weight":
+        if (tied and name == "output.weight") or hf not in state:
             continue
-        t = model.state_dict()[hf].numpy()
-        if name.endswith(("attn_q.weight", "attn_k.weight")):
+        t = state[hf].numpy()
+        if arch == "llama" and name.endswith(("attn_q.weight", "attn_k.weight")):
             t = llama_cpp_permute(t, c.num_attention_heads if "attn_q" in name else c.num_key_value_heads)
         if t.ndim == 1:
             w.add_tensor(name, t.astype(norm_dtype))
@@ -68,6 +70,14 @@ def write_gguf(path, model, arch="llama", tokens=TOKENS, tied=False, qtype=gguf.
     w.write_tensors_to_file()
     w.close()
     return path
+
+
+def tiny_qwen2():
+    cfg = transformers.Qwen2Config(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                                   rope_parameters={"rope_type": "default", "rope_theta": 1e6},
+                                   tie_word_embeddings=True)
+    return random_init(transformers.Qwen2ForCausalLM(cfg), 8)
 
 
 def tiny_llama(tied=False):
@@ -87,15 +97,16 @@ def refusal(*args) -> str:
 
 
 @torch.no_grad()
-@pytest.mark.parametrize("tied", [False, True])
-def test_gguf_converts_to_transformers_logits(tied, siglip_dir, tmp_path):
-    """Dequantized, with q/k un-permuted: the logits of transformers' own reading of the same file."""
-    path = write_gguf(tmp_path / "m.gguf", tiny_llama(tied), tied=tied)
+@pytest.mark.parametrize("arch, tied", [("llama", False), ("llama", True), ("qwen2", True)])
+def test_gguf_converts_to_transformers_logits(arch, tied, siglip_dir, tmp_path):
+    """Dequantized, with llama's q/k un-permuted (qwen2's never were): the logits of transformers' own reading of
+    the same file."""
+    path = write_gguf(tmp_path / "m.gguf", tiny_llama(tied) if arch == "llama" else tiny_qwen2(), arch, tied=tied)
     convert("--vision", siglip_dir, "--lm", path, "--out", tmp_path / "ours")
     ours = VLM.from_pretrained(tmp_path / "ours")
-    ref = transformers.LlamaForCausalLM.from_pretrained(tmp_path, gguf_file="m.gguf", dtype=torch.float32,
-                                                        attn_implementation="eager").eval()
-    assert ours.cfg.lm.tie_embeddings == tied
+    ref = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file="m.gguf", dtype=torch.float32,
+                                                            attn_implementation="eager").eval()
+    assert (ours.cfg.lm.tie_embeddings, ours.cfg.lm.attn_bias, ours.cfg.lm.proj_bias) == (tied, arch == "qwen2", False)
     ids = torch.randint(3, VOCAB - 3, (2, 11), generator=torch.Generator().manual_seed(0))
     assert rel_err(ours(ids)[0][..., :VOCAB], ref(ids).logits) < 1e-4
 
@@ -111,6 +122,9 @@ def test_gguf_writes_its_tokenizer_and_special_tokens(tiny_gguf, siglip_dir, tmp
     config = json.loads((tmp_path / "ours" / "tokenizer_config.json").read_text())
     assert (config["bos_token"], config["eos_token"]) == ("<|im_start|>", "<|im_end|>")
     assert "<|im_start|>" in (tmp_path / "ours" / "chat_template.jinja").read_text()
+    assert json.loads((tmp_path / "ours" / "config.json").read_text())["template"] == "chatml"  # detected
+    convert("--vision", siglip_dir, "--lm", tiny_gguf, "--out", tmp_path / "vicuna", "--template", "vicuna_v1")
+    assert json.loads((tmp_path / "vicuna" / "config.json").read_text())["template"] == "vicuna_v1"  # overridden
 
 
 def test_gguf_refuses_a_truncated_file(tiny_gguf, siglip_dir, tmp_path):
