@@ -23,6 +23,7 @@ import torch
 from PIL import Image, ImageDraw
 from safetensors import SafetensorError
 
+import anyres
 from data import DataError, expand_images, images_to_pixels, load_image, preprocess_video
 from model import VLM
 from tokenizer import (
@@ -268,33 +269,56 @@ def chat(model: VLM, tokenizer: Tokenizer, images: list[Image.Image], args):
 
 
 @torch.inference_mode()
-def attention_to_images(model: VLM, input_ids: list[int], px, answer: list[int], layers) -> torch.Tensor:
-    """How much each answer token attended to each image patch: (n_answer, n_images, grid, grid).
+def answer_attention(model: VLM, input_ids: list[int], px, answer: list[int], layers, sizes=None):
+    """How much each answer token attended to each image placeholder: (n_answer, n_image_tokens).
 
     One forward pass over prompt + answer with explicit attention weights; the row that *predicted* answer
     token k is the query at position T - 1 + k. Averaged over the chosen layers and all heads.
     """
     device = model.lm.tok_embed.weight.device
     ids = torch.tensor([input_ids + answer[:-1]], device=device)  # (1, T + n - 1)
-    x = model.embed(ids, px)
+    x = model.embed(ids, px, sizes)
     positions = torch.arange(ids.size(1), device=device)[None]
     _, attentions = model.lm(x, positions, need_weights=True)  # per layer (1, nh, L, L)
     T, n = len(input_ids), len(answer)
     att = torch.stack([attentions[i][0, :, T - 1 : T - 1 + n].float() for i in layers]).mean((0, 1))  # (n, L)
-    is_image = ids[0] == model.cfg.image_token_id
-    per_image = att[:, is_image].view(n, -1, model.cfg.num_image_tokens)  # (n, n_images, P)
+    return att[:, ids[0] == model.cfg.image_token_id]  # (n, image tokens)
+
+
+def attention_to_images(model: VLM, input_ids: list[int], px, answer: list[int], layers) -> torch.Tensor:
+    """How much each answer token attended to each image patch: (n_answer, n_images, grid, grid)."""
+    att = answer_attention(model, input_ids, px, answer, layers)
+    n = att.size(0)
+    per_image = att.view(n, -1, model.cfg.num_image_tokens)  # (n, n_images, P)
     if model.cfg.vision.class_token and not model.cfg.drop_cls:
         per_image = per_image[..., 1:]  # the CLS token has no place on the image
     grid = math.isqrt(per_image.size(-1))
     return per_image.reshape(n, -1, grid, grid).cpu()
 
 
+def attention_to_tiles(model: VLM, input_ids: list[int], px, answer: list[int], layers, sizes) -> list:
+    """anyres: for each image, the answer's attention to its tiled map, (n_answer, rows, cols): the tiles laid
+    back side by side with the padding cut (as the model merged them), newlines and base view left out."""
+    att = answer_attention(model, input_ids, px, answer, layers, sizes)
+    cfg, maps, start = model.cfg, [], 0
+    for size in sizes.tolist():
+        rows, cols = anyres.feature_shape(size, cfg.grid_pinpoints, cfg.vision.image_size, cfg.vision.grid,
+                                          cfg.anyres_max)
+        block = att[:, start + cfg.vision.grid**2 : start + cfg.image_tokens(size)]  # (n, rows * (cols + 1))
+        maps.append(block.reshape(-1, rows, cols + 1)[..., :cols].cpu())  # the newline column dropped
+        start += cfg.image_tokens(size)
+    return maps
+
+
 def heat_on_image(heat: np.ndarray, image: Image.Image, mode: str) -> np.ndarray:
     """A (grid, grid) patch map -> (h, w) over the original image, undoing the preprocessing.
 
-    pad: the grid covers the image padded to a centred square; crop: only the centred square was seen.
+    pad: the grid covers the image padded to a centred square; crop: only the centred square was seen;
+    anyres: the unpadded tile map covers exactly the image.
     """
     w, h = image.size
+    if mode == "anyres":
+        return np.asarray(Image.fromarray(heat.astype(np.float32), mode="F").resize((w, h), Image.NEAREST))
     side = max(w, h) if mode == "pad" else min(w, h)
     square = np.asarray(Image.fromarray(heat.astype(np.float32), mode="F").resize((side, side), Image.NEAREST))
     if mode == "pad":
@@ -335,15 +359,20 @@ def words(tokenizer: Tokenizer, tokens: list[int]) -> list[tuple[str, list[int]]
 def write_attention_map(path, model: VLM, tokenizer: Tokenizer, input_ids, px, images, answer: list[int], layers,
                         width=512, tile=96, per_row=8) -> list[Path]:
     """path: each image under the answer's mean attention (image k > 1 goes to path_k.png), with the image's
-    aspect ratio; path_tokens.png: one small map per answer word and image."""
+    aspect ratio; path_tokens.png: one small map per answer word and image. With anyres, the tiles' map."""
     answer = tokenizer.until_stop(answer)
     if not answer:
         raise SystemExit("error: the answer is empty, so there is no attention to draw")
-    heat = attention_to_images(model, input_ids, px, answer, layers).numpy()  # (n, n_images, g, g)
-    path, mode, written = Path(path), model.cfg.image_mode, []
+    if model.cfg.grid_pinpoints:
+        heat = [m.numpy() for m in attention_to_tiles(model, input_ids, px, answer, layers, image_sizes(images))]
+        mode = "anyres"
+    else:
+        heat = attention_to_images(model, input_ids, px, answer, layers).numpy().swapaxes(0, 1)  # (images, n, g, g)
+        mode = model.cfg.image_mode
+    path, written = Path(path), []
     for k, image in enumerate(images):
         out = path if k == 0 else path.with_name(f"{path.stem}_{k + 1}{path.suffix}")
-        overlay(image, heat[:, k].mean(0), mode, width).save(out)
+        overlay(image, heat[k].mean(0), mode, width).save(out)
         written.append(out)
     groups = words(tokenizer, answer)
     tile_h = max(1, round(tile * images[0].height / images[0].width)) if images else tile
@@ -355,7 +384,7 @@ def write_attention_map(path, model: VLM, tokenizer: Tokenizer, input_ids, px, i
         for k, image in enumerate(images):
             x = (j % per_row) * (tile + 4)
             y = ((j // per_row) * len(images) + k) * (tile_h + label_h + 4)
-            strip.paste(overlay(image, heat[indices, k].mean(0), mode, tile), (x, y))
+            strip.paste(overlay(image, heat[k][indices].mean(0), mode, tile), (x, y))
             draw.text((x + 2, y + tile_h + 1), text[:14], fill="black")
     tokens_path = path.with_name(f"{path.stem}_tokens{path.suffix}")
     strip.save(tokens_path)
@@ -394,8 +423,8 @@ def main(argv=None):
         return chat(model, tokenizer, images, args)
     if args.attention_map and args.num_samples != 1:
         raise SystemExit("error: --attention-map draws one answer: use it with --num-samples 1")
-    if args.attention_map and (model.cfg.grid_pinpoints or args.video):
-        raise SystemExit("error: --attention-map does not yet draw anyres tiles or video frames")
+    if args.attention_map and args.video:
+        raise SystemExit("error: --attention-map does not yet draw video frames")
     videos = load_video(model, args.video, args.frames) if args.video else None
     template = args.template or model.cfg.template
     try:

@@ -395,3 +395,24 @@ def test_llava_records_with_video_encode_or_are_skipped_with_their_reason(tok, s
                      image_sizes=s["image_sizes"], videos=s["videos"], num_tokens=batch["num_tokens"])[1]
              for s in (video, image)]
     assert rel_err(loss, sum(alone)) < 1e-5
+
+
+@torch.no_grad()
+def test_attention_map_draws_the_tile_map_back_onto_the_image(scratch, scratch_dir, tok, tmp_path, capsys):
+    path, out = tmp_path / "wide.png", tmp_path / "attn.png"
+    photo(300, 500).save(path)
+    sample.main(["--checkpoint", str(scratch_dir), "--image", str(path), "--prompt", "Describe it.",
+                 "--max-new-tokens", "6", "--attention-map", str(out)])
+    assert abs(Image.open(out).width / Image.open(out).height - 500 / 300) < 0.01
+    assert (tmp_path / "attn_tokens.png").is_file()
+    cfg = scratch.cfg
+    text = build_prompt([{"from": "human", "value": "<image>\nDescribe it."}], cfg.template, tok)
+    ids = tokenize_prompt(tok, text, cfg.image_token_id, cfg.image_tokens((300, 500)))
+    px, sizes = sample.pixels(scratch, [Image.open(path).convert("RGB")]), torch.tensor([[300, 500]])
+    answer = scratch.generate(torch.tensor([ids]), px, max_new_tokens=6, image_sizes=sizes)[0].tolist()
+    (heat,) = sample.attention_to_tiles(scratch, ids, px, answer, [0, 1], sizes)
+    rows, cols = anyres.feature_shape((300, 500), PINPOINTS, TILE, cfg.vision.grid)
+    assert heat.shape == (len(answer), rows, cols)
+    att = sample.answer_attention(scratch, ids, px, answer, [0, 1], sizes)  # (n, base 16 + rows * (cols + 1))
+    first_row, last_row = att[:, 16 : 16 + cols], att[:, 16 + (rows - 1) * (cols + 1) : -1]  # newlines left out
+    assert torch.equal(heat[:, 0], first_row) and torch.equal(heat[:, -1], last_row)
