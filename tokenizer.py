@@ -74,6 +74,11 @@ class Tokenizer:
                     stops += [v for v in values if v is not None]
             ids[name] = next((i for i in found if i is not None), own.get(name))
         self.bos_id, self.eos_id, self.unk_id = ids["bos"], ids["eos"], ids["unk"]
+        # Does a sequence start with bos? tokenizer_config's add_bos_token, else the file's habit: Llama's
+        # sentencepiece adds it; a tokenizer.json adds what its post-processor adds (Llama-3 yes, SmolLM2 no).
+        flag = config.get("add_bos_token")
+        habit = self.bos_id in own.get("prefix", [self.bos_id])
+        self.add_bos = self.bos_id is not None and (flag if isinstance(flag, bool) else habit)
         # LLaVA pads Llama with unk; Llama-3 has neither pad nor unk, so eos (padding is masked out anyway)
         self.pad_id = next((i for i in (ids["pad"], self.unk_id, self.eos_id) if i is not None), None)
         ends = [self.token_id(token) for token in END_OF_TURN.values()]
@@ -213,7 +218,7 @@ class BPETokenizer(Tokenizer):
         except Exception as err:  # tokenizers raises a bare Exception for any file it cannot parse
             raise ValueError(f"{path}: not a valid tokenizer.json ({str(err).splitlines()[0]})") from None
         self.vocab_size = self.tk.get_vocab_size(with_added_tokens=True)
-        self._read_specials({})
+        self._read_specials({"prefix": self.tk.encode("", add_special_tokens=True).ids})
 
     def token_id(self, token):
         return None if token is None else self.tk.token_to_id(token)
@@ -376,7 +381,7 @@ class TextStream:
 def tokenize_offsets(tokenizer: Tokenizer, text: str, image_token_id: int, num_image_tokens: int,
                      bos=True) -> tuple[list[int], list[int]]:
     """tokenize_prompt, with the character of `text` where each token starts (-1 for bos)."""
-    ids, starts = ([tokenizer.bos_id], [-1]) if bos and tokenizer.bos_id is not None else ([], [])
+    ids, starts = ([tokenizer.bos_id], [-1]) if bos and tokenizer.add_bos else ([], [])
     at = 0
     for chunk in text.split(IMAGE):
         if at:
@@ -395,7 +400,8 @@ def tokenize_prompt(tokenizer: Tokenizer, text: str, image_token_id: int, num_im
     """LLaVA's `tokenizer_image_token`: every `<image>` becomes num_image_tokens copies of image_token_id.
 
     Each text chunk between them is encoded on its own, so with sentencepiece each gets its own dummy-prefix
-    space: "USER: <image>\\nHi" -> "▁USER", ":", "▁", <image>..., "▁", "<0x0A>", "Hi"; "</s>" is eos.
+    space: "USER: <image>\\nHi" -> "▁USER", ":", "▁", <image>..., "▁", "<0x0A>", "Hi"; "</s>" is eos. bos=True
+    starts with bos where the tokenizer starts its sequences with one (Llama's do; SmolLM2's and Qwen's do not).
     """
     return tokenize_offsets(tokenizer, text, image_token_id, num_image_tokens, bos)[0]
 

@@ -93,10 +93,13 @@ def mistral_dir(sp_dir, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def llama3_dir(smollm2_hf_dir, tmp_path_factory):
-    """SmolLM2's byte-level BPE with Llama-3's special tokens added and its published chat template."""
+    """SmolLM2's byte-level BPE with Llama-3's special tokens, bos habit and published chat template."""
     out = tmp_path_factory.mktemp("llama3")
     tk = tokenizers.Tokenizer.from_file(str(smollm2_hf_dir / "tokenizer.json"))
     tk.add_special_tokens(["<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"])
+    bos = "<|begin_of_text|>"  # and, like Llama-3's tokenizer.json, a post-processor that starts with bos
+    tk.post_processor = tokenizers.processors.TemplateProcessing(single=f"{bos} $A", special_tokens=[
+        (bos, tk.token_to_id(bos))])
     tk.save(str(out / "tokenizer.json"))
     config = {"bos_token": "<|begin_of_text|>", "eos_token": "<|eot_id|>", "chat_template": LLAMA3_JINJA}
     (out / "tokenizer_config.json").write_text(json.dumps(config))
@@ -153,6 +156,19 @@ def test_generation_config_adds_stop_ids_and_config_json_ids_are_saved(llama3_di
     (tmp_path / "ckpt" / "config.json").write_text("{}")  # a checkpoint's config.json is the VLM's
     again = load_tokenizer(tmp_path / "ckpt")
     assert (again.bos_id, again.eos_id, again.pad_id, again.stop_ids) == (5, 7, 0, tok.stop_ids)
+
+
+def test_a_prompt_starts_with_bos_as_the_tokenizer_does(dirs, tmp_path):
+    """LLaVA's templates (plain, vicuna_v1) start with bos where transformers' tokenizer adds one by default."""
+    text = "USER: What is 2 + 2? ASSISTANT:"
+    for name in ("chatml", "llama3"):
+        hf, ours = transformers.AutoTokenizer.from_pretrained(dirs[name]), load_tokenizer(dirs[name])
+        assert tokenize_prompt(ours, text, IMAGE_ID, N_IMAGE) == hf(text)["input_ids"], name
+    shutil.copyfile(dirs["chatml"] / "tokenizer.json", tmp_path / "tokenizer.json")
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"bos_token": "<|im_start|>", "add_bos_token": True}))
+    ours = load_tokenizer(tmp_path)
+    assert tokenize_prompt(ours, text, IMAGE_ID, N_IMAGE) == [ours.bos_id] + ours.encode(text)
+    assert tokenize_prompt(load_tokenizer(dirs["sentencepiece"]), text, IMAGE_ID, N_IMAGE)[0] == 1  # Llama's habit
 
 
 def test_image_tags_split_alike_on_both_backends(dirs):
