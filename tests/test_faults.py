@@ -97,7 +97,7 @@ def test_sigterm_to_the_process_group_saves_the_step_and_resume_is_bit_identical
     assert_same_weights(out, reference)
 
 
-@pytest.mark.parametrize("sig", [signal.SIGUSR1, signal.SIGKILL])
+@pytest.mark.parametrize("sig", [signal.SIGUSR1, signal.SIGKILL], ids=["SIGUSR1", "SIGKILL"])
 def test_signal_during_a_save_then_resume_is_bit_identical(sig, whole, tmp_path, capsys):
     """SIGUSR1 (Slurm's warning) waits for the save to finish; SIGKILL leaves a .tmp_ dir that is never resumed."""
     args, reference = whole
