@@ -120,6 +120,22 @@ def test_generation_stops_per_sequence_at_eos(converted):
 
 
 @torch.no_grad()
+def test_generation_stops_each_row_at_any_of_several_stop_ids(converted):
+    """A tokenizer's stop_ids (eos and the end of turn): a row ends at whichever comes first, then repeats the
+    first stop id."""
+    ours, _, _ = converted["clip"]
+    n, img = ours.cfg.num_image_tokens, ours.cfg.image_token_id
+    ids, mask = pad_batch([image_prompt(n, img, n_text=k, seed=k) for k in (2, 9)], "left")
+    free = ours.generate(ids, images(2), max_new_tokens=12, attention_mask=mask)
+    stops = [int(free[0, 2]), int(free[1, 4])]  # row 0 meets the first at step 2, row 1 the second at step 4
+    stopped = ours.generate(ids, images(2), max_new_tokens=12, attention_mask=mask, eos_id=stops)
+    for row in range(2):
+        end = next(k for k, t in enumerate(free[row].tolist()) if t in stops)
+        assert torch.equal(stopped[row, : end + 1], free[row, : end + 1])
+        assert (stopped[row, end + 1 :] == stops[0]).all()
+
+
+@torch.no_grad()
 def test_sampling_is_reproducible_with_a_generator_and_respects_top_k(converted):
     ours, _, _ = converted["clip"]
     ids = image_prompt(ours.cfg.num_image_tokens, ours.cfg.image_token_id)
