@@ -14,7 +14,16 @@ from pathlib import Path
 
 import torch
 
-from data import DataError, ShapesWorld, clean_record, load_image, preprocess, read_records, skip_report
+from data import (
+    DataError,
+    ShapesWorld,
+    clean_record,
+    expand_images,
+    images_to_pixels,
+    load_image,
+    read_records,
+    skip_report,
+)
 from model import VLM
 from tokenizer import IMAGE, TEMPLATES, Tokenizer, build_prompt, encode_prompt, load_tokenizer
 
@@ -122,15 +131,20 @@ def evaluate_qa(model: VLM, tokenizer: Tokenizer, records: list[dict], batch_siz
         batch = records[start:start + batch_size]
         template = template or cfg.template
         prompts = [question_prompt(r["conversations"], template, prompt_suffix, tokenizer) for r in batch]
-        ids = [encode_prompt(tokenizer, p, template, cfg.image_token_id, cfg.num_image_tokens) for p, _, _ in prompts]
+        ids = []
+        for record, (prompt, _, _) in zip(batch, prompts, strict=True):  # each <image> grows to its own count
+            one_each = encode_prompt(tokenizer, prompt, template, cfg.image_token_id, 1)
+            counts = [cfg.image_tokens((im.height, im.width)) for im in record["images"]]
+            ids.append(expand_images(one_each, one_each, counts, cfg.image_token_id)[0])  # ids as their own labels
         T = max(map(len, ids))
         input_ids = torch.full((len(ids), T), tokenizer.pad_id, dtype=torch.long)
         attention_mask = torch.zeros((len(ids), T), dtype=torch.bool)
         for row, seq in enumerate(ids):  # left padding: every prompt ends where generation starts
             input_ids[row, T - len(seq):] = torch.tensor(seq)
             attention_mask[row, T - len(seq):] = True
-        images = [preprocess(im, cfg.vision, cfg.image_mode) for r in batch for im in r["images"]]
-        pixel_values = torch.stack(images) if images else None  # (N, 3, S, S)
+        images = [im for r in batch for im in r["images"]]
+        pixel_values = images_to_pixels(images, cfg, cfg.image_mode)  # (N, 3, S, S); anyres: (views, 3, S, S)
+        sizes = torch.tensor([(im.height, im.width) for im in images]) if images else None  # (N, 2)
         if blind and pixel_values is not None:
             pixel_values = torch.zeros_like(pixel_values)
         if pixel_values is not None:
@@ -140,7 +154,8 @@ def evaluate_qa(model: VLM, tokenizer: Tokenizer, records: list[dict], batch_siz
             state = states[len(batch)] = states.get(len(batch)) or model.new_state(len(batch))
             state.reset()
         new_tokens = model.generate(input_ids.to(device), pixel_values, max_new_tokens=max_new_tokens,
-                                    eos_id=tokenizer.stop_ids, attention_mask=attention_mask.to(device), state=state)
+                                    eos_id=tokenizer.stop_ids, attention_mask=attention_mask.to(device), state=state,
+                                    image_sizes=sizes)
         for record, (_, question, reference), tokens in zip(batch, prompts, new_tokens.tolist(), strict=True):
             answer = tokenizer.decode(tokenizer.until_stop(tokens)).strip()
             prediction = {"id": record["id"], "category": record.get("category", "all"), "question": question,

@@ -416,3 +416,16 @@ def test_attention_map_draws_the_tile_map_back_onto_the_image(scratch, scratch_d
     att = sample.answer_attention(scratch, ids, px, answer, [0, 1], sizes)  # (n, base 16 + rows * (cols + 1))
     first_row, last_row = att[:, 16 : 16 + cols], att[:, 16 + (rows - 1) * (cols + 1) : -1]  # newlines left out
     assert torch.equal(heat[:, 0], first_row) and torch.equal(heat[:, -1], last_row)
+
+
+@torch.no_grad()
+def test_eval_batches_images_of_different_sizes_like_one_at_a_time(scratch, tok):
+    import eval as evaluate
+
+    records = [{"id": str(k), "images": [photo(*size, seed=k)], "conversations": record(1)["conversations"]}
+               for k, size in enumerate([(40, 90), (300, 500), (37, 53)])]
+    batched = evaluate.evaluate_qa(scratch, tok, records, batch_size=3, max_new_tokens=5)["predictions"]
+    alone = [evaluate.evaluate_qa(scratch, tok, [r], batch_size=1, max_new_tokens=5)["predictions"][0]
+             for r in records]
+    assert [p["prediction"] for p in batched] == [p["prediction"] for p in alone]
+    assert any(p["prediction"] for p in alone), "empty answers would prove little"
