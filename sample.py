@@ -106,12 +106,13 @@ def with_image_tags(prompt: str, num_images: int) -> str:
     return prompt
 
 
-def encode(tokenizer: Tokenizer, model: VLM, text: str, template: str, first=True, sizes=(),
+def encode(tokenizer: Tokenizer, model: VLM, text: str, template: str, first=True, sizes=None,
            frames: int | None = None) -> list[int]:
     """Prompt text to ids; a conversation's first piece starts with bos, unless the template writes its own.
 
     The k-th `<image>` grows to cfg.image_tokens(sizes[k]) placeholders (with anyres, a count that depends on
-    the image's size); with `frames`, the one tag stands for a video of that many frames instead.
+    the image's (height, width), so sizes are required; without, sizes may be left out). With `frames`, the one
+    tag stands for a video of that many frames instead.
     """
     bos = first and template not in OWN_BOS
     cfg = model.cfg
@@ -119,7 +120,9 @@ def encode(tokenizer: Tokenizer, model: VLM, text: str, template: str, first=Tru
     if frames is not None:
         ids = [cfg.video_token_id if i == cfg.image_token_id else i for i in ids]
         return expand_images(ids, ids, [cfg.video_tokens(frames)], cfg.video_token_id)[0]  # ids as their own labels
-    return expand_images(ids, ids, [cfg.image_tokens(size) for size in sizes], cfg.image_token_id)[0]
+    tags = ids.count(cfg.image_token_id)
+    counts = [cfg.image_tokens(size) for size in sizes] if sizes is not None else [cfg.image_tokens()] * tags
+    return expand_images(ids, ids, counts, cfg.image_token_id)[0]
 
 
 # ----------------------------------------------------------------------------- answers

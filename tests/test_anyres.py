@@ -1,5 +1,6 @@
 """anyres (LLaVA-NeXT / OneVision tiles): geometry, preprocessing and feature merging against transformers."""
 
+import dataclasses
 import json
 from types import SimpleNamespace
 
@@ -429,3 +430,12 @@ def test_eval_batches_images_of_different_sizes_like_one_at_a_time(scratch, tok)
              for r in records]
     assert [p["prediction"] for p in batched] == [p["prediction"] for p in alone]
     assert any(p["prediction"] for p in alone), "empty answers would prove little"
+
+
+def test_sample_encode_needs_sizes_only_with_anyres(scratch, tok):
+    text = build_prompt([{"from": "human", "value": "<image>\nDescribe it."}], scratch.cfg.template, tok)
+    with pytest.raises(ValueError, match=r"needs its \(height, width\)"):
+        sample.encode(tok, scratch, text, scratch.cfg.template)
+    plain = VLM(dataclasses.replace(scratch.cfg, grid_pinpoints=[], video_token_id=None))
+    ids = sample.encode(tok, plain, text, plain.cfg.template)  # as the tutorial calls it
+    assert ids.count(plain.cfg.image_token_id) == plain.cfg.num_image_tokens == 16
