@@ -365,8 +365,9 @@ def bench_lm_decode(args, device, dtype, report):
 def bench_tokenize(args, report):
     """encode_conversation (ids + assistant-only labels) over ShapesWorld conversations in LLaVA's layout (an image
     tag, then questions and answers), samples/s: a ShapesWorld sentencepiece tokenizer trained here, and with
-    --checkpoint its own tokenizer (e.g. SmolLM2's tokenizer.json) in vicuna_v1 and in its own template. Each
-    pass over --samples conversations is timed in turn, --repeats rounds, so shared-machine noise hits all alike."""
+    --checkpoint its own tokenizer (e.g. SmolLM2's tokenizer.json) in vicuna_v1 and in its own template, and with
+    --compare-hf transformers' apply_chat_template on the same conversations. Each pass over --samples
+    conversations is timed in turn, --repeats rounds, so shared-machine noise hits all alike."""
     from data import ShapesWorld
     from tokenizer import detect_template, encode_conversation, load_tokenizer, train_tokenizer
 
@@ -382,15 +383,22 @@ def bench_tokenize(args, report):
         for template in dict.fromkeys(("vicuna_v1", detect_template(args.checkpoint))):
             peers[f"{kind} {template}"] = (tok, template)
 
-    def one_pass(tok, template):
-        return lambda: sum(len(encode_conversation(tok, c, template, 10**9, 1)[0]) for c in conversations)
+    encoders = {name: lambda c, tok=tok, template=template: encode_conversation(tok, c, template, 10**9, 1)[0]
+                for name, (tok, template) in peers.items()}
+    if args.checkpoint and args.compare_hf:  # ids only, no labels: less work than encode_conversation does
+        import transformers  # only the benchmark's peer, never a runtime dependency
 
-    times = interleave({name: one_pass(*peer) for name, peer in peers.items()}, args.repeats, 0, torch.device("cpu"))
+        hf = transformers.AutoTokenizer.from_pretrained(args.checkpoint)
+        roles = {"human": "user", "gpt": "assistant"}
+        encoders["transformers apply_chat_template"] = lambda c: hf.apply_chat_template(
+            [{"role": roles[t["from"]], "content": t["value"]} for t in c], tokenize=True)["input_ids"]
+    times = interleave({name: lambda encode=encode: [encode(c) for c in conversations]
+                        for name, encode in encoders.items()}, args.repeats, 0, torch.device("cpu"))
     base = args.samples / statistics.median(times["sentencepiece vicuna_v1"])
     report["tokenize"] = {}
-    for name, (tok, template) in peers.items():
+    for name, encode in encoders.items():
         rate = args.samples / statistics.median(times[name])
-        tokens = sum(len(encode_conversation(tok, c, template, 10**9, 1)[0]) for c in unique) / len(unique)
+        tokens = sum(len(encode(c)) for c in unique) / len(unique)
         report["tokenize"][name] = {"samples_per_s": rate, "tokens_per_sample": tokens, "vs_sentencepiece": rate / base}
     report["config"] = f"{args.samples:,} ShapesWorld conversations, {args.repeats} rounds" + (
         f", {args.checkpoint}" if args.checkpoint else "")
@@ -552,7 +560,7 @@ def main(argv=None):
         bench_tokenize(args, report)
         print(f"{report['config']}; cpu, one process")
         for name, row in report["tokenize"].items():
-            print(f"{name:<28}{row['samples_per_s']:>12,.0f} samples/s{row['tokens_per_sample']:>8.1f} tokens/sample"
+            print(f"{name:<34}{row['samples_per_s']:>8,.0f} samples/s{row['tokens_per_sample']:>8.1f} tokens/sample"
                   f"{row['vs_sentencepiece']:>8.2f}x")
         if args.json:
             args.json.write_text(json.dumps(report, indent=2) + "\n")
