@@ -470,10 +470,19 @@ def own_template_pieces(turns, template, system, bos, eos) -> list[tuple[str, bo
     return pieces + [("\n", False)] * (bool(turns) and turns[-1][0] == "gpt")
 
 
+def check_template(tokenizer: Tokenizer, template: str):
+    """Refuse a template whose end-of-turn token the tokenizer does not have (chatml on a Llama-2 tokenizer)."""
+    token = END_OF_TURN.get(template)
+    if token is not None and tokenizer.token_id(token) is None:
+        raise ValueError(f"{tokenizer.path}: the {template} template ends each turn with {token}, which this "
+                         f"tokenizer does not have; choose another --template")
+
+
 def template_kw(tokenizer: Tokenizer, template: str) -> dict:
     """What a template takes from the tokenizer: its bos / eos strings and the model's default system prompt."""
     if tokenizer is None:
         return {}
+    check_template(tokenizer, template)
     kw = {"bos": tokenizer.bos_token, "eos": tokenizer.eos_token}
     if template in ("chatml", "llama3"):
         kw["system"] = tokenizer.default_system

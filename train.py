@@ -40,7 +40,7 @@ from eval import category_table, evaluate_qa, shapes_records, shapes_scores, wri
 from lora import apply_lora, lora_state_dict, merge_lora
 from model import PRESETS, VLM, VLMConfig, preset, tiny_config
 from plots import line_chart
-from tokenizer import TEMPLATES, Tokenizer, load_tokenizer, train_tokenizer
+from tokenizer import TEMPLATES, Tokenizer, check_template, load_tokenizer, train_tokenizer
 
 PARTS = ("vision", "projector", "lm")
 
@@ -601,6 +601,10 @@ def train(args) -> Path:
     except (OSError, ValueError) as err:
         raise SystemExit(f"error: {err}") from None
     args.template = args.template or ("plain" if args.stage == "pretrain" else model.cfg.template)
+    try:
+        check_template(tokenizer, args.template)
+    except ValueError as err:
+        raise SystemExit(f"error: {err}") from None
     parts = choose_trainable(args, init_info["from_scratch"])
     torch.manual_seed(args.seed)  # LoRA's initial adapters follow --seed, whatever ran before in this process
     set_trainable(model, parts, args)

@@ -3,6 +3,7 @@ apply_chat_template token for token (chatml on the real SmolLM2, llama3 and mist
 assistant-only labels per template, the files a tokenizer reads and writes, the CLI, and bad input."""
 
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -169,6 +170,15 @@ def test_a_prompt_starts_with_bos_as_the_tokenizer_does(dirs, tmp_path):
     ours = load_tokenizer(tmp_path)
     assert tokenize_prompt(ours, text, IMAGE_ID, N_IMAGE) == [ours.bos_id] + ours.encode(text)
     assert tokenize_prompt(load_tokenizer(dirs["sentencepiece"]), text, IMAGE_ID, N_IMAGE)[0] == 1  # Llama's habit
+
+
+def test_a_template_whose_end_of_turn_the_tokenizer_lacks_is_refused(dirs):
+    turns = ours_turns(CONVERSATION[:2])
+    for template in ("chatml", "llama3"):
+        with pytest.raises(ValueError, match=f"{dirs['sentencepiece']}.*{template} template"):
+            encode_conversation(load_tokenizer(dirs["sentencepiece"]), turns, template, IMAGE_ID, N_IMAGE)
+    with pytest.raises(ValueError, match=re.escape("<|eot_id|>")):
+        build_prompt(turns, "llama3", load_tokenizer(dirs["chatml"]))
 
 
 def test_image_tags_split_alike_on_both_backends(dirs):

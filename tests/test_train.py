@@ -294,6 +294,12 @@ def test_from_scratch_on_user_data_trains_its_own_tokenizer(tmp_path):
     assert model.cfg.image_token_id == model.cfg.lm.vocab_size - 1  # tiny sized to the trained tokenizer
 
 
+def test_a_template_the_tokenizer_cannot_end_turns_with_is_one_line(micro_dir, tmp_path):
+    with pytest.raises(SystemExit, match=r"tokenizer.model: the chatml template ends each turn with <\|im_end\|>"):
+        run_train("--stage", "finetune", "--init", micro_dir, "--template", "chatml", "--max-steps", 1,
+                  "--out", tmp_path / "ft")
+
+
 def test_malformed_data_is_one_line_without_traceback(tmp_path):
     bad = tmp_path / "bad.json"
     bad.write_text('[{"id": 1,\n  "conversations": [}\n]')
