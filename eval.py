@@ -25,7 +25,7 @@ from data import (
     skip_report,
 )
 from model import VLM
-from tokenizer import IMAGE, TEMPLATES, Tokenizer, build_prompt, encode_prompt, load_tokenizer
+from tokenizer import IMAGE, TEMPLATES, Tokenizer, build_prompt, check_template, encode_prompt, load_tokenizer
 
 ARTICLES = {"a", "an", "the"}
 NUMBERS = {w: str(i) for i, w in enumerate(
@@ -245,6 +245,10 @@ def main(argv=None):
         parser.error("give exactly one of --data FILE or --shapes N")
 
     model, tokenizer = load_checkpoint(args.checkpoint, args.device)
+    try:
+        check_template(tokenizer, args.template or model.cfg.template)
+    except ValueError as err:
+        raise SystemExit(f"error: {err}") from None
     if args.quantize == "int8" and model.cfg.quantize is None:
         model.quantize_int8()
     if args.compile:

@@ -33,6 +33,7 @@ from tokenizer import (
     TextStream,
     Tokenizer,
     build_prompt,
+    check_template,
     end_of_turn_id,
     load_tokenizer,
     template_kw,
@@ -418,6 +419,10 @@ def main(argv=None):
              "bfloat16": torch.bfloat16, "float16": torch.float16}[args.dtype]
     images = load_images(args.image)
     model, tokenizer = load(args.checkpoint, device, dtype)
+    try:
+        check_template(tokenizer, args.template or model.cfg.template)
+    except ValueError as err:
+        raise SystemExit(f"error: {err}") from None
     if args.quantize == "int8" and model.cfg.quantize is None:
         model.quantize_int8()
     if args.compile:

@@ -375,3 +375,10 @@ def test_a_tokenizer_larger_than_the_embedding_table_is_one_line_naming_it(train
         sample.main(["--checkpoint", str(ckpt), "--prompt", "hi"])
     message = str(exit_info.value.code)
     assert "\n" not in message and str(ckpt / "tokenizer.model") in message and "embedding table" in message
+
+
+def test_a_template_the_tokenizer_cannot_end_turns_with_is_one_line(trained):
+    with pytest.raises(SystemExit) as exit_info:
+        sample.main(["--checkpoint", str(trained["dir"]), "--template", "llama3", "--prompt", "hi"])
+    message = str(exit_info.value.code)
+    assert "\n" not in message and str(trained["dir"] / "tokenizer.model") in message and "<|eot_id|>" in message
