@@ -254,9 +254,12 @@ class PackedRecords:
     """
 
     def __init__(self, records):
-        chunks = [json.dumps(r).encode() for r in records]
-        self.offsets = np.cumsum([0] + [len(c) for c in chunks], dtype=np.int64)  # record i is [o[i], o[i + 1])
-        self.data = np.frombuffer(b"".join(chunks), dtype=np.uint8)
+        data, offsets = bytearray(), [0]
+        for record in records:
+            data += json.dumps(record).encode()
+            offsets.append(len(data))
+        self.data = np.frombuffer(data, dtype=np.uint8)
+        self.offsets = np.array(offsets, dtype=np.int64)  # record i is data[offsets[i]:offsets[i + 1]]
 
     def __len__(self):
         return len(self.offsets) - 1
@@ -286,19 +289,24 @@ class LlavaDataset(Dataset):
         self.max_len, self.image_mode, self.frames = max_len, image_mode, frames  # frames sampled per video
         self.num_records, self.skipped = len(raw), {}
         self.malformed_lines = [r.line for r in raw if isinstance(r, MalformedLine)]
-        records = []
-        for index, record in enumerate(raw):
-            clean = clean_record(record, index)
-            if isinstance(clean, str):
-                self.skipped[index] = clean
-            else:
-                records.append(clean)
+        media = set()  # "images", "video": what the usable records hold
+
+        def usable(raw):
+            for index in range(len(raw)):
+                record, raw[index] = raw[index], None  # each parsed record is freed once packed: one copy at a time
+                clean = clean_record(record, index)
+                if isinstance(clean, str):
+                    self.skipped[index] = clean
+                    continue
+                media.update(key for key in ("images", "video") if clean[key])
+                yield clean
+
+        self.records = PackedRecords(usable(raw))
         del raw
-        if any(r["images"] or r["video"] for r in records) and not self.image_folder.is_dir():
+        if media and not self.image_folder.is_dir():
             raise DataError(f"{self.image_folder}: no such image folder")
-        if any(r["video"] for r in records) and getattr(cfg, "video_token_id", None) is None:
+        if "video" in media and getattr(cfg, "video_token_id", None) is None:
             raise DataError(f"{path}: holds video records, but the model takes no video (no video_token_id)")
-        self.records = PackedRecords(records)
 
     def __len__(self):
         return len(self.records)
