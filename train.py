@@ -463,7 +463,10 @@ def checkpoint_problem(path: Path) -> str | None:
         return "SHA256SUMS is missing"
     except (OSError, UnicodeDecodeError) as err:
         return f"SHA256SUMS is unreadable ({err})"
-    listed = dict(reversed(line.split("  ", 1)) for line in lines if "  " in line)  # name -> digest
+    listed = {}  # name -> sha256, from "digest  name" lines
+    for line in lines:
+        digest, _, name = line.partition("  ")
+        listed[name] = digest
     for name in CHECKPOINT_FILES:
         if name not in listed:
             return f"SHA256SUMS does not list {name}"
