@@ -11,7 +11,9 @@ about one tensor of extra RAM, not two copies of the model.
 """
 
 import argparse
+import dataclasses
 import json
+import math
 import re
 import shutil
 from pathlib import Path
@@ -20,7 +22,7 @@ import torch
 from safetensors import safe_open
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, processors
 
-from llama import LlamaConfig
+from llama import LlamaConfig, rope_frequencies
 from model import VLM, VLMConfig
 from projector import Projector, ProjectorConfig
 from tokenizer import TEMPLATES, detect_template, load_tokenizer
@@ -378,16 +380,13 @@ class GGUFSource:
         if self.field(f"{a}.rope.dimension_count", head_dim) != head_dim:
             raise ValueError(f"{self.path}: RoPE on {self.field(f'{a}.rope.dimension_count')} of {head_dim} "
                              f"channels per head (partial rotary) is not supported")
-        if "rope_freqs.weight" in self.tensors:
-            raise ValueError(f"{self.path}: per-frequency RoPE factors (tensor 'rope_freqs.weight', Llama-3.1's "
-                             f"long context) are not supported from GGUF; convert the model's HF directory instead")
         scaling = self.field(f"{a}.rope.scaling.type", "none")
         if scaling not in ("none", "linear"):
             raise ValueError(f"{self.path}: RoPE scaling {scaling!r} is not supported (none, linear)")
         for i in range(self.field(f"{a}.block_count") if GGUF_ARCHS[a] else 0):
             self.rope_heads[f"blk.{i}.attn_q.weight"] = self.rope_heads[f"blk.{i}.attn_q.bias"] = heads
             self.rope_heads[f"blk.{i}.attn_k.weight"] = self.rope_heads[f"blk.{i}.attn_k.bias"] = kv_heads
-        return LlamaConfig(
+        cfg = LlamaConfig(
             vocab_size=self.shape("token_embd.weight")[0], dim=dim, n_layers=self.field(f"{a}.block_count"),
             n_heads=heads, n_kv_heads=kv_heads, head_dim=head_dim, hidden_dim=self.field(f"{a}.feed_forward_length"),
             norm_eps=self.field(f"{a}.attention.layer_norm_rms_epsilon"),
@@ -397,6 +396,34 @@ class GGUFSource:
             max_seq_len=self.field(f"{a}.context_length"), attn_bias="blk.0.attn_q.bias" in self.tensors,
             proj_bias="blk.0.attn_output.bias" in self.tensors, tie_embeddings="output.weight" not in self.tensors,
         )
+        if "rope_freqs.weight" in self.tensors:  # Llama-3.1's long context, stored as a tensor
+            cfg.rope_scaling = llama3_rope_from_factors(self.get("rope_freqs.weight"), cfg, self.path)
+        return cfg
+
+
+def llama3_rope_from_factors(factors: torch.Tensor, cfg: LlamaConfig, path) -> dict:
+    """Read transformers' llama3 RoPE scaling back from llama.cpp's per-frequency divisors (`rope_freqs.weight`).
+
+    They are 1 for short wavelengths, `factor` for long ones, and between, 1/f = 1/factor + (1 - 1/factor) s with
+    s = (old_len / wavelength - low) / (high - low): a line in 1/wavelength, whose slope and intercept give
+    old_len and high once low = 1 (every (low, high, old_len) on that line gives the same frequencies). Checked
+    against rope_frequencies, so a file made any other way is refused, not misread.
+    """
+    plain = rope_frequencies(dataclasses.replace(cfg, rope_scaling=None)).double()
+    f, factor = factors.double(), factors.max().item()
+    middle = (f > 1 + 1e-4) & (f < factor - 1e-4)
+    if middle.sum() < 2:
+        raise ValueError(f"{path}: 'rope_freqs.weight' has {int(middle.sum())} blended frequencies; 2 are needed "
+                         f"to read Llama-3's RoPE scaling back")
+    x, s = plain[middle] / (2 * math.pi), (1 / f[middle] - 1 / factor) / (1 - 1 / factor)  # x = 1 / wavelength
+    slope = ((s[-1] - s[0]) / (x[-1] - x[0])).item()
+    intercept = (s[0] - slope * x[0]).item()
+    scaling = {"type": "llama3", "factor": factor, "low_freq_factor": 1.0, "high_freq_factor": 1 - 1 / intercept,
+               "original_max_position_embeddings": round(-slope / intercept)}
+    got = rope_frequencies(dataclasses.replace(cfg, rope_scaling=scaling)).double()
+    if not torch.allclose(got, plain / f, rtol=1e-5, atol=0):
+        raise ValueError(f"{path}: 'rope_freqs.weight' does not follow Llama-3's RoPE scaling recipe")
+    return scaling
 
 
 # llama.cpp's pre-tokenizer names (`tokenizer.ggml.pre`) -> how its regexes split text, as `tokenizers` steps.
@@ -489,7 +516,7 @@ def take_gguf_lm(plan: "Plan", src: GGUFSource):
     plan.take(src, expand(GGUF_MAP, "lm.", "", plan.cfg.lm.n_layers))
     if not plan.cfg.lm.tie_embeddings:
         plan.take(src, {"lm.head.weight": "output.weight"})
-    plan.check_all_used(src, "")
+    plan.check_all_used(src, "", [r"^rope_freqs\.weight$"])  # read into the config (llama3 RoPE scaling)
 
 
 # ----------------------------------------------------------------------------- building a checkpoint

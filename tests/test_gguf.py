@@ -2,6 +2,7 @@
 same file, and a one-line refusal for each kind of bad file. The real SmolLM2 GGUF is in test_real_model.py."""
 
 import json
+import math
 
 import numpy as np
 import pytest
@@ -22,11 +23,31 @@ def llama_cpp_permute(w: np.ndarray, n_heads: int) -> np.ndarray:
     return w.reshape(n_heads, 2, w.shape[0] // n_heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
+def llama_cpp_rope_factors(rope: dict, head_dim: int) -> np.ndarray:
+    """What llama.cpp's converter stores as `rope_freqs.weight` for Llama-3.1's RoPE scaling."""
+    factor, low, high = rope["factor"], rope["low_freq_factor"], rope["high_freq_factor"]
+    old_len = rope["original_max_position_embeddings"]
+    factors = []
+    for freq in 1.0 / rope["rope_theta"] ** (np.arange(0, head_dim, 2) / head_dim):
+        wavelen = 2 * math.pi / freq
+        if wavelen < old_len / high:
+            factors.append(1.0)
+        elif wavelen > old_len / low:
+            factors.append(factor)
+        else:
+            smooth = (old_len / wavelen - low) / (high - low)
+            factors.append(1 / ((1 - smooth) / factor + smooth))
+    return np.array(factors, dtype=np.float32)
+
+
 def write_gguf(path, model, arch="llama", tokens=TOKENS, tied=False, qtype=gguf.GGMLQuantizationType.Q8_0,
-               norm_dtype=np.float32):
-    """A llama.cpp-style file from a transformers Llama: GGUF names, permuted q/k, 2-D weights quantized."""
+               norm_dtype=np.float32, rope_freqs=None):
+    """A llama.cpp-style file from a transformers Llama: GGUF names, permuted q/k, 2-D weights quantized (F32 with
+    qtype=None)."""
     c = model.config
     w = gguf.GGUFWriter(path, arch)
+    if rope_freqs is not None:
+        w.add_tensor("rope_freqs.weight", rope_freqs)
     w.add_vocab_size(c.vocab_size)
     w.add_block_count(c.num_hidden_layers)
     w.add_context_length(c.max_position_embeddings)
@@ -61,7 +82,7 @@ def write_gguf(path, model, arch="llama", tokens=TOKENS, tied=False, qtype=gguf.
         t = state[hf].numpy()
         if arch == "llama" and name.endswith(("attn_q.weight", "attn_k.weight")):
             t = llama_cpp_permute(t, c.num_attention_heads if "attn_q" in name else c.num_key_value_heads)
-        if t.ndim == 1:
+        if t.ndim == 1 or qtype is None:
             w.add_tensor(name, t.astype(norm_dtype))
         else:
             w.add_tensor(name, gguf.quants.quantize(t, qtype), raw_dtype=qtype)
@@ -109,6 +130,26 @@ def test_gguf_converts_to_transformers_logits(arch, tied, siglip_dir, tmp_path):
     assert (ours.cfg.lm.tie_embeddings, ours.cfg.lm.attn_bias, ours.cfg.lm.proj_bias) == (tied, arch == "qwen2", False)
     ids = torch.randint(3, VOCAB - 3, (2, 11), generator=torch.Generator().manual_seed(0))
     assert rel_err(ours(ids)[0][..., :VOCAB], ref(ids).logits) < 1e-4
+
+
+LONG_ROPE = {"rope_type": "llama3", "rope_theta": 10000.0, "factor": 8.0, "low_freq_factor": 1.0,
+             "high_freq_factor": 16.0, "original_max_position_embeddings": 1024}  # two wavelengths blended
+
+
+@torch.no_grad()
+def test_gguf_rope_freqs_become_llama3_scaling(siglip_dir, tmp_path):
+    """Llama-3.1+ files store the scaling as per-frequency divisors: read back, they give the original model's
+    logits over 200 positions (the file's weights are left unquantized, so the original is the oracle)."""
+    model = random_init(transformers.LlamaForCausalLM(llama_config(rope_parameters=dict(LONG_ROPE))), 9)
+    path = write_gguf(tmp_path / "l3.gguf", model, qtype=None, rope_freqs=llama_cpp_rope_factors(LONG_ROPE, 16))
+    convert("--vision", siglip_dir, "--lm", path, "--out", tmp_path / "ours")
+    ours = VLM.from_pretrained(tmp_path / "ours")
+    assert ours.cfg.lm.rope_scaling["type"] == "llama3"
+    ids = torch.randint(3, VOCAB - 3, (1, 200), generator=torch.Generator().manual_seed(0))
+    assert rel_err(ours(ids)[0][..., :VOCAB], model(ids).logits) < 1e-4
+    bad = write_gguf(tmp_path / "bad.gguf", model, rope_freqs=np.linspace(1, 8, 8, dtype=np.float32))
+    assert f"{bad}: 'rope_freqs.weight' does not follow Llama-3's RoPE scaling recipe" in refusal(
+        "--vision", siglip_dir, "--lm", bad, "--out", tmp_path / "bad")
 
 
 def test_gguf_writes_its_tokenizer_and_special_tokens(tiny_gguf, siglip_dir, tmp_path):
