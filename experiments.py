@@ -62,6 +62,7 @@ BINDING = {
     "baseline": {},
     "canon k3": {"lm": {"conv_kernel": 3}},
     "logit scale x4": {"lm": {"logit_scale": 4.0}},
+    "qk-norm": {"lm": {"qk_norm": True}},
     "qk-norm + scale x4 + lr 3e-3": {"lm": {"qk_norm": True, "logit_scale": 4.0}, "flags": ["--lr", "3e-3"]},
     "canon k3 + scale x4 + 4 questions": {"lm": {"conv_kernel": 3, "logit_scale": 4.0},
                                           "sets": ["world.questions=4"]},
@@ -157,7 +158,7 @@ def write_results(sweep: str, rows: dict, steps: dict, eval_samples: int, comman
              f"torch {torch.__version__}. Each run: {steps['pretrain']} caption steps + {steps['finetune']} "
              f"question steps of batch 32, then {eval_samples} held-out questions; blind = images replaced by zeros."
              + (" One caption pretraining is shared by every variant." if binding else ""),
-             "", f"![{sweep}]({sweep}.png)", "",
+             "", f"![{sweep}]({sweep}.png)", "", *([f"![{sweep} by category]({sweep}_categories.png)", ""] * binding),
              "| variant | image tokens | held-out | blind | " + " | ".join(categories) + " | train min |"
              + " binding errors/wrong |" * binding,
              "|---|---:|---:|---:|" + "---:|" * len(categories) + "---:|" + "---:|" * binding]
@@ -168,6 +169,9 @@ def write_results(sweep: str, rows: dict, steps: dict, eval_samples: int, comman
     (out / f"{sweep}.md").write_text("\n".join(lines) + "\n")
     (out / f"{sweep}.json").write_text(json.dumps(rows, indent=1) + "\n")
     bar_chart(rows, f"{sweep}: held-out vs blind accuracy", out / f"{sweep}.png")
+    if binding:  # which skills each lever moved
+        bar_chart({name: row["by_category"] for name, row in rows.items()}, f"{sweep}: held-out accuracy by category",
+                  out / f"{sweep}_categories.png", [(c, c) for c in categories])
 
 
 def main(argv=None):

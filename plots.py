@@ -18,24 +18,39 @@ def axes(draw: ImageDraw.ImageDraw, title: str, W: int, H: int, left: int, top: 
     return plot_h
 
 
-def bar_chart(rows: dict, title: str, path: Path):
-    """Held-out and blind accuracy per variant, as paired bars."""
+def wrap(text: str, width: int) -> str:
+    """Break a label into lines of at most `width` characters, at spaces (Pillow's default font is ~6 px wide)."""
+    lines = []
+    for word in text.split():
+        if lines and len(lines[-1]) + 1 + len(word) <= width:
+            lines[-1] += " " + word
+        else:
+            lines.append(word)
+    return "\n".join(lines)
+
+
+def bar_chart(rows: dict, title: str, path: Path, series=(("heldout", "held-out"), ("blind", "blind"))):
+    """Grouped bars: for each variant (a row), one bar per (key, label) of `series`; default held-out vs blind."""
     W, H, left, bottom, top = 640, 360, 50, 60, 40
     image = Image.new("RGB", (W, H), "white")
     draw = ImageDraw.Draw(image)
     plot_h = axes(draw, title, W, H, left, top, bottom)
+    colors = [(50, 100, 235), (190, 190, 190)] if len(series) == 2 else COLORS
     slot = (W - left - 10) / len(rows)
+    bar = slot * 0.7 / len(series)
     for i, (name, row) in enumerate(rows.items()):
         x = left + i * slot + slot * 0.15
-        for j, (key, color) in enumerate((("heldout", (50, 100, 235)), ("blind", (190, 190, 190)))):
-            x0 = x + j * slot * 0.35
-            draw.rectangle([x0, top + plot_h * (1 - row[key]), x0 + slot * 0.3, top + plot_h], fill=color)
-            draw.text((x0, top + plot_h * (1 - row[key]) - 12), f"{row[key]:.2f}", fill="black")
-        draw.text((x, H - bottom + 8), name, fill="black")
-    draw.rectangle([W - 170, 12, W - 160, 22], fill=(50, 100, 235))
-    draw.text((W - 155, 12), "held-out", fill="black")
-    draw.rectangle([W - 90, 12, W - 80, 22], fill=(190, 190, 190))
-    draw.text((W - 75, 12), "blind", fill="black")
+        for j, (key, _) in enumerate(series):
+            x0, value = x + j * bar, row.get(key, 0.0)
+            draw.rectangle([x0, top + plot_h * (1 - value), x0 + bar * 0.85, top + plot_h], fill=colors[j])
+            if len(series) == 2:  # room for the figures
+                draw.text((x0, top + plot_h * (1 - value) - 12), f"{value:.2f}", fill="black")
+        draw.multiline_text((x, H - bottom + 8), wrap(name, int(slot / 6.5)), fill="black")
+    x = W - 10 - sum(20 + 6 * len(label) for _, label in series)
+    for j, (_, label) in enumerate(series):  # legend, top right
+        draw.rectangle([x, 12, x + 10, 22], fill=colors[j])
+        draw.text((x + 14, 12), label, fill="black")
+        x += 20 + 6 * len(label)
     image.save(path)
 
 
