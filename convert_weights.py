@@ -727,6 +727,9 @@ def to_hf(ckpt: Path, out: Path) -> str:
     if cfg.projector.kind != "mlp2x_gelu":
         raise ValueError(f"transformers' LLaVA has only the mlp2x_gelu projector; this one is {cfg.projector.kind!r}")
     v, lm = cfg.vision, cfg.lm
+    if lm.conv_kernel or lm.qk_norm or lm.logit_scale:  # their weights would be dropped, silently changing the model
+        raise ValueError(f"transformers' Llama has no Canon layer, QK-norm or logit scale; this LM has conv_kernel="
+                         f"{lm.conv_kernel}, qk_norm={lm.qk_norm}, logit_scale={lm.logit_scale}")
     siglip = not v.class_token
     act = {ours: theirs for theirs, ours in HF_ACT.items()}[v.act]
     vision_config = dict(model_type="siglip_vision_model" if siglip else "clip_vision_model", hidden_size=v.width,

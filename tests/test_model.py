@@ -216,3 +216,7 @@ def test_to_hf_refuses_what_transformers_llava_cannot_hold(tmp_path):
     VLM(cfg).save_pretrained(tmp_path / "linear")
     with pytest.raises(SystemExit, match="only the mlp2x_gelu projector"):
         convert("--to-hf", tmp_path / "linear", "--out", tmp_path / "hf")
+    canon = preset("tiny")
+    VLM(dataclasses.replace(canon, lm=dataclasses.replace(canon.lm, conv_kernel=3))).save_pretrained(tmp_path / "c")
+    with pytest.raises(SystemExit, match="no Canon layer, QK-norm or logit scale; this LM has conv_kernel=3"):
+        convert("--to-hf", tmp_path / "c", "--out", tmp_path / "hf")
