@@ -15,6 +15,7 @@ import argparse
 import copy
 import json
 import statistics
+import subprocess
 import tempfile
 import time
 from contextlib import nullcontext
@@ -239,25 +240,20 @@ def generate_over(model: VLM, state, ids, n: int):
     return model.generate(ids, max_new_tokens=n, state=state)
 
 
-def load_llama_cpp(gguf: Path):
-    """llama.cpp on the same GGUF file, through llama-cpp-python: a benchmark-only yardstick, never a dependency."""
+def llama_bench(binary: str, gguf: Path, n: int, repeats: int) -> dict:
+    """llama.cpp's own benchmark on the same GGUF file: `llama-bench -p 0 -n n`, the decode rate of n tokens, with
+    torch's thread count. A benchmark-only yardstick, run as a separate program; never a dependency."""
+    cmd = [binary, "-m", str(gguf), "-p", "0", "-n", str(n), "-r", str(repeats), "-t", str(torch.get_num_threads()),
+           "-o", "json"]
     try:
-        from llama_cpp import Llama
-    except ImportError:
-        raise SystemExit("--llama-cpp needs llama-cpp-python (pip install llama-cpp-python; see docs/perf.md for "
-                         "the build flags)") from None
-    return Llama(model_path=str(gguf), n_ctx=1024, n_threads=torch.get_num_threads(), n_batch=512, verbose=False)
-
-
-def llama_cpp_generate(llm, prompt: list[int], n: int) -> list[int]:
-    """n greedy tokens after a fresh prefill of `prompt`; like ours, it never stops at eos."""
-    llm.reset()
-    tokens = []
-    for token in llm.generate(prompt, top_k=1, temp=0.0, reset=True):
-        tokens.append(token)
-        if len(tokens) == n:
-            return tokens
-    return tokens
+        out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+    except FileNotFoundError:
+        raise SystemExit(f"--llama-cpp: no llama-bench at {binary!r} (build llama.cpp's llama-bench target and "
+                         "pass --llama-bench PATH; docs/perf.md gives the build flags)") from None
+    except subprocess.CalledProcessError as err:
+        raise SystemExit(f"--llama-cpp: {binary} failed on {gguf}: {err.stderr.strip().splitlines()[-1:]}") from None
+    (run,) = json.loads(out)
+    return {"tokens_per_s": run["avg_ts"], "prefill_s": float("nan"), "build": run.get("build_commit", "?")}
 
 
 def gguf_decode_bytes(gguf: Path) -> int:
@@ -337,7 +333,6 @@ def bench_lm_decode(args, device, dtype, report):
     peers = {"transformers": load_hf_lm(args.hf_lm, device, dtype)} if args.hf_lm else {}
 
     paths = our_paths(args, device, dtype, ids.size(1) + args.new_tokens)  # {name: (model, state or None)}
-    llama_cpp = load_llama_cpp(args.llama_cpp) if args.llama_cpp else None
 
     def make_fns(n: int) -> dict:  # exactly n greedy tokens each: no eos stops either early
         fns = {"ours": lambda: ours.generate(ids, max_new_tokens=n)}
@@ -346,11 +341,12 @@ def bench_lm_decode(args, device, dtype, report):
             fns[name] = lambda hf=hf: hf.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False,
                                                   max_new_tokens=n, min_new_tokens=n, eos_token_id=None,
                                                   pad_token_id=tokenizer.pad_id)[:, ids.size(1):]
-        if llama_cpp is not None:
-            fns["llama.cpp"] = partial(llama_cpp_generate, llama_cpp, ids[0].tolist(), n)
         return fns
 
     report["lm_decode_b1"] = decode_rates(make_fns, 1, args.new_tokens, args, device)
+    if args.llama_cpp:  # its own timer, right after ours; it feeds tokens without sampling, so no token check
+        report["lm_decode_b1"]["llama.cpp"] = llama_bench(args.llama_bench, args.llama_cpp, args.new_tokens,
+                                                          args.repeats)
     models = {"ours": ours, "transformers": ours} | {name: model for name, (model, _) in paths.items()}
     for name, row in report["lm_decode_b1"].items():  # transformers reads the same weights as ours
         row["weight_mb"] = (decode_bytes(models[name]) if name in models else gguf_decode_bytes(args.llama_cpp)) / 1e6
@@ -534,8 +530,9 @@ def main(argv=None):
     p.add_argument("--paths", default="", help="lm-decode, quality: more of our decode paths on --checkpoint, "
                    "comma-separated: fp32, bf16, int8, each optionally followed by ' compiled' (e.g. 'bf16,int8 "
                    "compiled')")
-    p.add_argument("--llama-cpp", type=Path, metavar="FILE.gguf", help="lm-decode: also time llama.cpp "
-                   "(llama-cpp-python) on this GGUF file, with the same threads")
+    p.add_argument("--llama-cpp", type=Path, metavar="FILE.gguf", help="lm-decode: also time llama.cpp on this "
+                   "GGUF file (the one --checkpoint was converted from), with its llama-bench and the same threads")
+    p.add_argument("--llama-bench", default="llama-bench", help="lm-decode: path of llama.cpp's llama-bench binary")
     p.add_argument("--compare-hf", action="store_true", help="also time transformers on the same weights")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
@@ -555,6 +552,13 @@ def main(argv=None):
     dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    report = measure(args, p, device, dtype)
+    if args.json:
+        args.json.write_text(json.dumps(report, indent=2) + "\n")
+
+
+def measure(args, p, device, dtype) -> dict:
+    """Run the --what benchmark, print its table and return its report."""
     if args.what == "tokenize":
         report = {}
         bench_tokenize(args, report)
@@ -562,17 +566,13 @@ def main(argv=None):
         for name, row in report["tokenize"].items():
             print(f"{name:<34}{row['samples_per_s']:>8,.0f} samples/s{row['tokens_per_sample']:>8.1f} tokens/sample"
                   f"{row['vs_sentencepiece']:>8.2f}x")
-        if args.json:
-            args.json.write_text(json.dumps(report, indent=2) + "\n")
-        return
+        return report
     if args.what == "quality":
         if args.checkpoint is None:
             p.error("--what quality needs --checkpoint (a converted real LM, e.g. SmolLM2)")
         report = {"quality": bench_quality(args, device)}
         print_quality(report["quality"])
-        if args.json:
-            args.json.write_text(json.dumps(report, indent=2) + "\n")
-        return
+        return report
     if args.what == "lm-decode":
         if args.checkpoint is None:
             p.error("--what lm-decode needs --checkpoint (and --hf-lm for the ratio)")
@@ -585,9 +585,7 @@ def main(argv=None):
         for name, row in report["lm_decode_b1"].items():
             if "same_tokens" in row:
                 print(f"{name}: {'the same' if row['same_tokens'] else 'DIFFERENT'} greedy tokens as ours")
-        if args.json:
-            args.json.write_text(json.dumps(report, indent=2) + "\n")
-        return
+        return report
     torch.manual_seed(0)
     ours = VLM(preset(args.config)).to(device)
     hf = load_hf_twin(ours, device, torch.float32) if args.compare_hf else None
@@ -603,8 +601,7 @@ def main(argv=None):
         bench_decode(ours_dec, hf_dec, args, device, dtype, report)
     print(f"config {args.config} on {report['device']} ({report['threads']} threads), {report['dtype']}")
     print_table(report)
-    if args.json:
-        args.json.write_text(json.dumps(report, indent=2) + "\n")
+    return report
 
 
 if __name__ == "__main__":

@@ -249,10 +249,7 @@ def main(argv=None):
         check_template(tokenizer, args.template or model.cfg.template)
     except ValueError as err:
         raise SystemExit(f"error: {err}") from None
-    if args.quantize == "int8" and model.cfg.quantize is None:
-        model.quantize_int8()
-    if args.compile:
-        model.compile_decode_step()
+    model.prepare_decoding(args.quantize, args.compile)
     try:
         if args.shapes is not None:
             world = checkpoint_world(args.checkpoint, model.cfg.vision.image_size, args.shapes)

@@ -473,6 +473,15 @@ class VLM(nn.Module):
         model.load_checked(state, source=ckpt / "model.safetensors")
         return model
 
+    def prepare_decoding(self, quantize: str | None = None, compile: bool = False) -> "VLM":
+        """What sample.py and eval.py do before decoding: int8 layers made at load time (unless the checkpoint
+        already holds them), then the compiled one-token step."""
+        if quantize == "int8" and self.cfg.quantize is None:
+            self.quantize_int8()
+        if compile:
+            self.compile_decode_step()
+        return self
+
     def quantize_int8(self):
         """Swap the LM's linear layers for int8 ones (quantize.py); the config records it, so a saved checkpoint
         is rebuilt quantized and loads strictly."""

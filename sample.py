@@ -423,10 +423,7 @@ def main(argv=None):
         check_template(tokenizer, args.template or model.cfg.template)
     except ValueError as err:
         raise SystemExit(f"error: {err}") from None
-    if args.quantize == "int8" and model.cfg.quantize is None:
-        model.quantize_int8()
-    if args.compile:
-        model.compile_decode_step()
+    model.prepare_decoding(args.quantize, args.compile)
     if args.chat:
         return chat(model, tokenizer, images, args)
     if args.attention_map and args.num_samples != 1:
