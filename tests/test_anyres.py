@@ -94,12 +94,16 @@ def llava_next_dir(hf_dir):
     return save(random_init(transformers.LlavaNextForConditionalGeneration(cfg), 21), hf_dir / "llava_next")
 
 
+def converted_pair(cls, hf_model_dir, tmp_path_factory):
+    """(transformers' model, ours converted from the same directory with --llava)."""
+    out = tmp_path_factory.mktemp("ours") / "ckpt"
+    convert("--llava", hf_model_dir, "--out", out)
+    return load_hf(cls, hf_model_dir), VLM.from_pretrained(out)
+
+
 @pytest.fixture(scope="module")
 def next_pair(llava_next_dir, tmp_path_factory):
-    """(transformers' LLaVA-NeXT, ours converted from it with --llava)."""
-    out = tmp_path_factory.mktemp("next") / "ours"
-    convert("--llava", llava_next_dir, "--out", out)
-    return load_hf(transformers.LlavaNextForConditionalGeneration, llava_next_dir), VLM.from_pretrained(out)
+    return converted_pair(transformers.LlavaNextForConditionalGeneration, llava_next_dir, tmp_path_factory)
 
 
 def next_inputs(model, sizes, seed=0):
@@ -231,9 +235,7 @@ def onevision_dir(hf_dir):
 
 @pytest.fixture(scope="module")
 def onevision_pair(onevision_dir, tmp_path_factory):
-    out = tmp_path_factory.mktemp("onevision") / "ours"
-    convert("--llava", onevision_dir, "--out", out)
-    return load_hf(transformers.LlavaOnevisionForConditionalGeneration, onevision_dir), VLM.from_pretrained(out)
+    return converted_pair(transformers.LlavaOnevisionForConditionalGeneration, onevision_dir, tmp_path_factory)
 
 
 @pytest.mark.parametrize("size", SIZES)
