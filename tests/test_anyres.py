@@ -101,6 +101,13 @@ def converted_pair(cls, hf_model_dir, tmp_path_factory):
     return load_hf(cls, hf_model_dir), VLM.from_pretrained(out)
 
 
+def exported(ours, cls, tmp_path):
+    """Ours saved, exported with --to-hf, and reloaded by transformers."""
+    ours.save_pretrained(tmp_path / "ours")
+    convert("--to-hf", tmp_path / "ours", "--out", tmp_path / "hf")
+    return load_hf(cls, tmp_path / "hf")
+
+
 @pytest.fixture(scope="module")
 def next_pair(llava_next_dir, tmp_path_factory):
     return converted_pair(transformers.LlavaNextForConditionalGeneration, llava_next_dir, tmp_path_factory)
@@ -142,9 +149,7 @@ def test_llava_next_several_images_in_one_prompt_keep_their_order(next_pair):
 @torch.no_grad()
 def test_llava_next_round_trip_reloads_in_transformers(next_pair, tmp_path):
     ref, ours = next_pair
-    ours.save_pretrained(tmp_path / "ours")
-    convert("--to-hf", tmp_path / "ours", "--out", tmp_path / "hf")
-    back = load_hf(transformers.LlavaNextForConditionalGeneration, tmp_path / "hf")
+    back = exported(ours, transformers.LlavaNextForConditionalGeneration, tmp_path)
     ids, _, hf = next_inputs(ours, [(90, 40), (50, 50)], seed=5)
     kw = dict(input_ids=ids, pixel_values=hf["pixel_values"], image_sizes=hf["image_sizes"])
     assert rel_err(back(**kw).logits, ref(**kw).logits) < 1e-6
@@ -279,9 +284,7 @@ def test_onevision_8_frame_video_logits_and_greedy_tokens_match_transformers(one
 @torch.no_grad()
 def test_onevision_round_trip_reloads_in_transformers(onevision_pair, tmp_path):
     ref, ours = onevision_pair
-    ours.save_pretrained(tmp_path / "ours")
-    convert("--to-hf", tmp_path / "ours", "--out", tmp_path / "hf")
-    back = load_hf(transformers.LlavaOnevisionForConditionalGeneration, tmp_path / "hf")
+    back = exported(ours, transformers.LlavaOnevisionForConditionalGeneration, tmp_path)
     image = photo(300, 500)
     hf = onevision_processor(ours.cfg.vision)(image, return_tensors="pt")
     ids = image_prompt(ours.cfg.image_tokens((300, 500)), ours.cfg.image_token_id, vocab=VOCAB - 2)
