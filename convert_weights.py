@@ -15,7 +15,6 @@ import dataclasses
 import json
 import math
 import re
-import shutil
 from pathlib import Path
 
 import torch
@@ -555,7 +554,7 @@ class Plan:
             raise KeyError(f"tensor '{left[0]}' has no place in our model (unsupported variant?)"
                            f"{f' and {len(left) - 1} more' if len(left) > 1 else ''}")
 
-    def write(self, out: Path, dtype=None, tokenizer: Path | None = None) -> str:
+    def write(self, out: Path, dtype=None) -> str:
         expected = self.expected
         skip = {"lm.head.weight"} if self.cfg.lm.tie_embeddings else set()
         wanted = {k for k in expected if k not in skip}
@@ -572,8 +571,6 @@ class Plan:
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.json").write_text(json.dumps(self.cfg.to_dict(), indent=2) + "\n")
         write_safetensors(out / "model.safetensors", specs, lambda k: self.recipes[k](False))
-        if tokenizer is not None and tokenizer.is_file():
-            shutil.copyfile(tokenizer, out / "tokenizer.model")
         n_params = sum(t.numel() for t in specs.values())
         dtypes = sorted({str(t.dtype).removeprefix("torch.") for t in specs.values()})
         return (f"wrote {out}: {n_params / 1e6:.1f}M parameters, {'/'.join(dtypes)}, "
@@ -778,8 +775,8 @@ def to_hf(ckpt: Path, out: Path) -> str:
     (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     specs = {k: t.to("meta") for k, t in theirs.items()}
     write_safetensors(out / "model.safetensors", specs, theirs.__getitem__)
-    if (ckpt / "tokenizer.model").is_file():
-        shutil.copyfile(ckpt / "tokenizer.model", out / "tokenizer.model")
+    if any((ckpt / name).is_file() for name in ("tokenizer.json", "tokenizer.model")):
+        load_tokenizer(ckpt).save(out)
     return f"wrote {out}: {sum(t.numel() for t in theirs.values()) / 1e6:.1f}M parameters, transformers LLaVA format"
 
 
@@ -817,7 +814,8 @@ def quantize_checkpoint(ckpt: Path) -> str:
 def main(argv=None):
     p = argparse.ArgumentParser(
         description="Convert CLIP/SigLIP + Llama/Mistral, or LLaVA checkpoints, into vlm_from_scratch checkpoints "
-                    "(config.json + model.safetensors + tokenizer.model), or export ours to transformers' LLaVA.",
+                    "(config.json + model.safetensors + the LM's tokenizer.json or tokenizer.model), or export ours to "
+                    "transformers' LLaVA.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--vision", type=Path, help="HF vision tower dir: CLIPModel, CLIPVisionModel, SiglipModel or "
                                                 "SiglipVisionModel (also the tower for an original-LLaVA --llava)")
@@ -838,9 +836,9 @@ def main(argv=None):
                    help="store the LM's linear layers as int8 with per-channel scales (quantize.py): 4x fewer bytes "
                    "read per decoded token; the vision tower and embeddings stay as they are")
     p.add_argument("--template", choices=TEMPLATES, default=None,
-                   help="chat template recorded in config.json for --vision + --lm (default: detected from the LM's "
-                   "own chat template or special tokens: chatml for SmolLM2 / Qwen2.5, llama3, mistral; else "
-                   "vicuna_v1)")
+                   help="chat template recorded in config.json for --vision + --lm or --llava (default: detected "
+                   "from the LM's own chat template or special tokens: chatml for SmolLM2 / Qwen2.5, llama3, "
+                   "mistral; else vicuna_v1)")
     args = p.parse_args(argv)
     dtype = getattr(torch, args.dtype) if args.dtype else None
     if args.quantize and args.to_hf:
@@ -849,8 +847,9 @@ def main(argv=None):
         if args.to_hf:
             print(to_hf(args.to_hf, args.out))
         elif args.llava:
-            tok_dir = args.llava
-            print(from_llava(args.llava, args.vision).write(args.out, dtype, tok_dir / "tokenizer.model"))
+            plan = from_llava(args.llava, args.vision)
+            plan.cfg.template = args.template or write_lm_tokenizer(args.llava, args.out, plan.cfg.lm.vocab_size)
+            print(plan.write(args.out, dtype))
         elif args.vision and args.lm:
             lm = GGUFSource(args.lm) if args.lm.is_file() else args.lm
             plan = from_towers(args.vision, lm, args.projector, args.seed)

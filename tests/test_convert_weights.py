@@ -118,6 +118,23 @@ def test_newer_llava_hf_layout_converts(llava_clip_dir, tmp_path):
     assert rel_err(ours(ids, px)[0], ref(input_ids=ids, pixel_values=px).logits) < 1e-4
 
 
+def test_llava_hf_carries_its_bpe_tokenizer_and_template_both_ways(llava_clip_dir, tmp_path):
+    """A llava-hf release (LLaVA-NeXT on Llama-3, OneVision on Qwen2) ships tokenizer.json, not tokenizer.model:
+    --llava must bring it and its chat template along, and --to-hf must hand it back."""
+    from tokenizers import AddedToken, Tokenizer
+
+    src = rewrite(llava_clip_dir, tmp_path / "llava")
+    tok = tiny_tokenizer_json(src / "tokenizer.json", 40)
+    bpe = Tokenizer.from_file(str(tok))
+    bpe.add_special_tokens([AddedToken("<|im_start|>", special=True), AddedToken("<|im_end|>", special=True)])
+    bpe.save(str(tok))
+    convert("--llava", src, "--out", tmp_path / "ours")
+    assert (tmp_path / "ours" / "tokenizer.json").read_text() == tok.read_text()
+    assert VLM.from_pretrained(tmp_path / "ours").cfg.template == "chatml"
+    convert("--to-hf", tmp_path / "ours", "--out", tmp_path / "back")
+    assert (tmp_path / "back" / "tokenizer.json").read_text() == tok.read_text()
+
+
 @torch.no_grad()
 @pytest.mark.parametrize("separate_projector", [False, True])
 def test_original_llava_repo_bin_checkpoints_convert(separate_projector, clip_dir, tmp_path):
