@@ -6,6 +6,7 @@ layers. Tensors stream one by one from memory-mapped files into the output, so c
 about one tensor of extra RAM, not two copies of the model.
 
     python convert_weights.py --vision CLIP_DIR --lm LLAMA_DIR --out CKPT      # a new VLM, fresh projector
+    python convert_weights.py --fresh-vision tiny --lm LM.gguf --out CKPT      # a from-scratch tower + a real LM
     python convert_weights.py --llava LLAVA_DIR --out CKPT                     # llava-hf or original LLaVA
     python convert_weights.py --to-hf CKPT --out HF_DIR                        # for transformers' LLaVA
 """
@@ -22,10 +23,10 @@ from safetensors import safe_open
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, processors
 
 from llama import LlamaConfig, rope_frequencies
-from model import VLM, VLMConfig
+from model import PRESETS, VLM, VLMConfig, preset
 from projector import Projector, ProjectorConfig
 from tokenizer import TEMPLATES, detect_template, load_tokenizer
-from vit import ViTConfig
+from vit import VisionTransformer, ViTConfig
 
 # ----------------------------------------------------------------------------- reading checkpoints
 
@@ -598,25 +599,31 @@ def take_vision_tower(plan: Plan, src: Source):
     plan.check_all_used(src, prefix, VISION_DROPPED)
 
 
-def fresh_projector(plan: Plan, dtype, seed: int):
-    torch.manual_seed(seed)
-    proj = Projector(plan.cfg.projector, plan.cfg.vision.width, plan.cfg.lm.dim).to(dtype)
-    for k, v in proj.state_dict().items():
-        plan.recipes["projector." + k] = lambda meta, v=v: v.to("meta") if meta else v
+def fresh_part(plan: Plan, prefix: str, module: torch.nn.Module, dtype):
+    """Recipes for a part that starts from its own random init instead of a checkpoint."""
+    for k, v in module.to(dtype).state_dict().items():
+        plan.recipes[prefix + k] = lambda meta, v=v: v.to("meta") if meta else v
 
 
-def from_towers(vision_dir: Path, lm: "Path | GGUFSource", projector: str, seed: int) -> Plan:
+def from_towers(vision: "Path | VLMConfig", lm: "Path | GGUFSource", projector: str, seed: int) -> Plan:
     """A new VLM from a vision tower and a language model (an HF dir or an opened GGUF file); only the projector
-    is new."""
-    vision_cfg = vit_config_from_hf(read_config(vision_dir))
+    is new. `vision` may instead be a preset's config: its tower is then new too, random weights to train from
+    scratch in front of the pretrained LM (e.g. the tiny 48 px tower for ShapesWorld)."""
+    fresh_tower = isinstance(vision, VLMConfig)
+    vision_cfg = vision.vision if fresh_tower else vit_config_from_hf(read_config(vision))
     gguf_src = lm if isinstance(lm, GGUFSource) else None
     lm_cfg = gguf_src.llama_config() if gguf_src else llama_config_from_hf(read_config(lm))
     vocab = lm_cfg.vocab_size
     lm_cfg.vocab_size += 1  # the placeholder gets the next id
+    if fresh_tower:  # the preset says which features feed its projector
+        feature_layer, drop_cls = vision.feature_layer, vision.drop_cls
+    else:
+        feature_layer, drop_cls = -2 if vision_cfg.class_token else -1, vision_cfg.class_token
     cfg = VLMConfig(vision_cfg, lm_cfg, ProjectorConfig(projector), image_token_id=vocab,
-                    feature_layer=-2 if vision_cfg.class_token else -1, drop_cls=vision_cfg.class_token)
+                    feature_layer=feature_layer, drop_cls=drop_cls)
     plan = Plan(cfg)
-    take_vision_tower(plan, Source.from_dir(vision_dir))
+    if not fresh_tower:
+        take_vision_tower(plan, Source.from_dir(vision))
     if gguf_src:
         take_gguf_lm(plan, gguf_src)
     else:
@@ -627,7 +634,11 @@ def from_towers(vision_dir: Path, lm: "Path | GGUFSource", projector: str, seed:
             plan.take(lsrc, {"lm.head.weight": head})
         plan.check_all_used(lsrc, body, [r"^lm_head\.weight$"])  # a tied checkpoint may still store the head
     add_image_token_row(plan)
-    fresh_projector(plan, plan.recipes["lm.tok_embed.weight"](True).dtype, seed)
+    dtype = plan.recipes["lm.tok_embed.weight"](True).dtype
+    torch.manual_seed(seed)
+    fresh_part(plan, "projector.", Projector(cfg.projector, vision_cfg.width, lm_cfg.dim), dtype)
+    if fresh_tower:
+        fresh_part(plan, "vision.", VisionTransformer(vision_cfg), dtype)
     return plan
 
 
@@ -660,7 +671,8 @@ def from_llava_hf(llava_dir: Path, c: dict) -> Plan:
         ratio = re.fullmatch(r"anyres_max_(\d+)", c.get("vision_aspect_ratio", "anyres_max_9"))
         if not ratio:
             raise ValueError(f"vision_aspect_ratio {c['vision_aspect_ratio']!r}: only anyres_max_N is supported")
-        anyres_kw |= dict(anyres_max=int(ratio[1]), video_token_id=c.get("video_token_index", 151647))
+        anyres_kw |= dict(anyres_max=int(ratio[1]), video_token_id=c.get("video_token_index", 151647),
+                          multi_image_tiles=False)  # OneVision tiles a sample's lone image only
     cfg = VLMConfig(vision_cfg, lm_cfg, ProjectorConfig("mlp2x_gelu"),
                     image_token_id=c.get("image_token_index", c.get("image_token_id", 32000)),
                     feature_layer=layer, drop_cls=strategy == "default", **anyres_kw)
@@ -727,6 +739,8 @@ def to_hf(ckpt: Path, out: Path) -> str:
     if lm.conv_kernel or lm.qk_norm or lm.logit_scale:  # their weights would be dropped, silently changing the model
         raise ValueError(f"transformers' Llama has no Canon layer, QK-norm or logit scale; this LM has conv_kernel="
                          f"{lm.conv_kernel}, qk_norm={lm.qk_norm}, logit_scale={lm.logit_scale}")
+    if v.conv_stem:  # transformers' towers embed patches with one linear projection
+        raise ValueError(f"transformers' CLIP and SigLIP have no conv stem; this tower has conv_stem={v.conv_stem}")
     siglip = not v.class_token
     act = {ours: theirs for theirs, ours in HF_ACT.items()}[v.act]
     vision_config = dict(model_type="siglip_vision_model" if siglip else "clip_vision_model", hidden_size=v.width,
@@ -742,7 +756,7 @@ def to_hf(ckpt: Path, out: Path) -> str:
                        tie_word_embeddings=lm.tie_embeddings, rope_theta=lm.rope_theta,
                        rope_scaling=rope, rope_parameters=rope | {"rope_theta": lm.rope_theta})
     next_ = bool(cfg.grid_pinpoints)
-    onevision = cfg.anyres_max > 0 or cfg.video_token_id is not None
+    onevision = cfg.anyres_max > 0 or cfg.video_token_id is not None or not cfg.multi_image_tiles
     kind = "llava_onevision" if onevision else "llava_next" if next_ else "llava"
     config = dict(architectures=[HF_ARCHITECTURES[kind]], model_type=kind, vision_config=vision_config,
                   text_config=text_config, image_token_index=cfg.image_token_id, projector_hidden_act="gelu",
@@ -752,8 +766,9 @@ def to_hf(ckpt: Path, out: Path) -> str:
     if next_:
         config["image_grid_pinpoints"] = cfg.grid_pinpoints
     if onevision:
-        if not cfg.anyres_max or cfg.video_token_id is None:
-            raise ValueError("transformers' OneVision needs both anyres_max > 0 and a video_token_id")
+        if not cfg.anyres_max or cfg.video_token_id is None or cfg.multi_image_tiles:
+            raise ValueError("transformers' OneVision needs anyres_max > 0, a video_token_id and "
+                             "multi_image_tiles=False (it tiles a sample's lone image only)")
         config |= dict(vision_aspect_ratio=f"anyres_max_{cfg.anyres_max}", video_token_index=cfg.video_token_id)
     ours = model.state_dict()
     theirs = {}  # their key -> (our key, slice index within a fused tensor)
@@ -819,6 +834,10 @@ def main(argv=None):
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--vision", type=Path, help="HF vision tower dir: CLIPModel, CLIPVisionModel, SiglipModel or "
                                                 "SiglipVisionModel (also the tower for an original-LLaVA --llava)")
+    p.add_argument("--fresh-vision", choices=list(PRESETS), metavar="PRESET",
+                   help="instead of --vision: a from-scratch tower shaped as this preset's (random weights, e.g. "
+                   "tiny: 48 px, 8 px patches, one block), to train with train.py --train vision,projector in front "
+                   "of a pretrained --lm")
     p.add_argument("--lm", type=Path, help="HF language model dir (Llama-2/3, TinyLlama, Mistral, Vicuna, SmolLM2), "
                                             "or a llama.cpp .gguf file of a Llama-architecture model (any "
                                             "quantization the gguf package can dequantize)")
@@ -831,7 +850,7 @@ def main(argv=None):
     p.add_argument("--out", type=Path, required=True, help="output directory")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
                    help="cast floating-point weights (default: keep the checkpoint's dtype)")
-    p.add_argument("--seed", type=int, default=0, help="seed for the freshly initialised projector")
+    p.add_argument("--seed", type=int, default=0, help="seed for the freshly initialised projector (and tower)")
     p.add_argument("--quantize", choices=["int8"], default=None,
                    help="store the LM's linear layers as int8 with per-channel scales (quantize.py): 4x fewer bytes "
                    "read per decoded token; the vision tower and embeddings stay as they are")
@@ -850,13 +869,16 @@ def main(argv=None):
             plan = from_llava(args.llava, args.vision)
             plan.cfg.template = args.template or write_lm_tokenizer(args.llava, args.out, plan.cfg.lm.vocab_size)
             print(plan.write(args.out, dtype))
-        elif args.vision and args.lm:
+        elif (args.vision or args.fresh_vision) and args.lm:
+            if args.vision and args.fresh_vision:
+                p.error("give --vision or --fresh-vision, not both")
             lm = GGUFSource(args.lm) if args.lm.is_file() else args.lm
-            plan = from_towers(args.vision, lm, args.projector, args.seed)
+            vision = preset(args.fresh_vision) if args.fresh_vision else args.vision
+            plan = from_towers(vision, lm, args.projector, args.seed)
             plan.cfg.template = args.template or write_lm_tokenizer(lm, args.out, plan.cfg.image_token_id)
             print(plan.write(args.out, dtype))
         else:
-            p.error("give --vision and --lm, or --llava, or --to-hf")
+            p.error("give --vision (or --fresh-vision) and --lm, or --llava, or --to-hf")
         if args.quantize:
             print(quantize_checkpoint(args.out))
     except (OSError, ImportError, KeyError, ValueError, RuntimeError) as err:

@@ -26,6 +26,10 @@ class ViTConfig:
     patch_bias: bool = False  # SigLIP's patch conv has a bias, CLIP's does not
     pre_norm: bool = True  # CLIP's `pre_layrnorm` before the first block
     post_norm: bool = False  # SigLIP normalises the final output
+    # 3x3 stride-2 conv + GELU layers (their output channels) before the patch embedding, which then spans the
+    # rest of the patch (Xiao et al. 2021, "Early convolutions help transformers see better"): a learned local
+    # encoder that sees each patch's shapes whole; () = CLIP's and SigLIP's single linear patch projection
+    conv_stem: tuple[int, ...] = ()
     image_mean: tuple[float, float, float] = (0.48145466, 0.4578275, 0.40821073)
     image_std: tuple[float, float, float] = (0.26862954, 0.26130258, 0.27577711)
 
@@ -34,9 +38,13 @@ class ViTConfig:
             raise ValueError(f"image_size {self.image_size} is not a multiple of patch_size {self.patch_size}")
         if self.width % self.heads:
             raise ValueError(f"width {self.width} is not divisible by heads {self.heads}")
+        if self.patch_size % 2 ** len(self.conv_stem):
+            raise ValueError(f"patch_size {self.patch_size} is not a multiple of the conv stem's stride "
+                             f"{2 ** len(self.conv_stem)} ({len(self.conv_stem)} stride-2 layers)")
         if self.act not in ACTIVATIONS:
             raise ValueError(f"unknown act {self.act!r}; choose from {sorted(ACTIVATIONS)}")
         self.image_mean, self.image_std = tuple(self.image_mean), tuple(self.image_std)
+        self.conv_stem = tuple(self.conv_stem)
 
     @property
     def grid(self) -> int:
@@ -105,11 +113,29 @@ class Block(nn.Module):
         return x + self.mlp(self.norm2(x))
 
 
+class ConvStem(nn.Module):
+    """3x3 stride-2 convolutions with GELU: each halves the image and widens the channels. No BatchNorm, so a
+    sample's features never depend on the rest of its batch."""
+
+    def __init__(self, channels: tuple[int, ...]):
+        super().__init__()
+        ins = (3,) + channels[:-1]
+        self.convs = nn.ModuleList(nn.Conv2d(i, o, 3, stride=2, padding=1) for i, o in zip(ins, channels, strict=True))
+
+    def forward(self, x):
+        for conv in self.convs:
+            x = F.gelu(conv(x))  # (B, C_i, H / 2^i, W / 2^i)
+        return x
+
+
 class VisionTransformer(nn.Module):
     def __init__(self, cfg: ViTConfig):
         super().__init__()
         self.cfg = cfg
-        self.patch_embed = nn.Conv2d(3, cfg.width, cfg.patch_size, stride=cfg.patch_size, bias=cfg.patch_bias)
+        self.stem = ConvStem(cfg.conv_stem) if cfg.conv_stem else None
+        k = cfg.patch_size // 2 ** len(cfg.conv_stem)  # what the stem left of a patch: 1 x 1 after a full stem
+        in_channels = cfg.conv_stem[-1] if cfg.conv_stem else 3
+        self.patch_embed = nn.Conv2d(in_channels, cfg.width, k, stride=k, bias=cfg.patch_bias)
         self.cls_token = nn.Parameter(torch.randn(cfg.width) * 0.02) if cfg.class_token else None
         self.pos_embed = nn.Parameter(torch.randn(cfg.num_patches + cfg.class_token, cfg.width) * 0.02)
         self.pre_norm = nn.LayerNorm(cfg.width, eps=cfg.norm_eps) if cfg.pre_norm else None
@@ -129,7 +155,10 @@ class VisionTransformer(nn.Module):
         return torch.cat([cls_pos, patch_pos])
 
     def embed(self, pixels):
-        x = self.patch_embed(pixels.to(self.patch_embed.weight.dtype))  # (B, C, gh, gw)
+        x = pixels.to(self.patch_embed.weight.dtype)  # (B, 3, H, W)
+        if self.stem is not None:
+            x = self.stem(x)  # (B, C_stem, H / 2^n, W / 2^n)
+        x = self.patch_embed(x)  # (B, C, gh, gw)
         B, C, gh, gw = x.shape
         x = x.flatten(2).transpose(1, 2)  # (B, P, C)
         if self.cls_token is not None:

@@ -220,3 +220,7 @@ def test_to_hf_refuses_what_transformers_llava_cannot_hold(tmp_path):
     VLM(dataclasses.replace(canon, lm=dataclasses.replace(canon.lm, conv_kernel=3))).save_pretrained(tmp_path / "c")
     with pytest.raises(SystemExit, match="no Canon layer, QK-norm or logit scale; this LM has conv_kernel=3"):
         convert("--to-hf", tmp_path / "c", "--out", tmp_path / "hf")
+    stem = dataclasses.replace(canon.vision, patch_size=16, conv_stem=(8, 16, 16, 32))
+    VLM(dataclasses.replace(canon, vision=stem)).save_pretrained(tmp_path / "stem")
+    with pytest.raises(SystemExit, match=r"no conv stem; this tower has conv_stem=\(8, 16, 16, 32\)"):
+        convert("--to-hf", tmp_path / "stem", "--out", tmp_path / "hf")

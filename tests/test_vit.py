@@ -4,7 +4,8 @@ import pytest
 import torch
 from conftest import IMAGE_SIZE, convert, load_hf, rel_err, transformers
 
-from model import VLM
+from model import VLM, preset
+from vit import VisionTransformer, ViTConfig
 
 
 @pytest.fixture(scope="module")
@@ -65,3 +66,29 @@ def test_position_embeddings_interpolate_like_transformers(tower, clip_vlm, sigl
     got = ours.vision(x, feature_layer=-1)
     assert got.shape == want.shape
     assert rel_err(got, want) < 1e-4
+
+
+def test_conv_stem_is_off_by_default_and_adds_no_weights():
+    """Every converted CLIP/SigLIP tower keeps its single linear patch projection, so parity stays bit-exact."""
+    assert ViTConfig().conv_stem == () and preset("tiny").vision.conv_stem == ()
+    assert not [k for k in VLM(preset("tiny")).state_dict() if "stem" in k]
+    with pytest.raises(ValueError, match="patch_size 8 is not a multiple of the conv stem's stride 16"):
+        ViTConfig(image_size=48, patch_size=8, conv_stem=(8, 8, 8, 8))
+
+
+@torch.no_grad()
+def test_conv_stem_gives_one_token_per_patch_that_sees_only_its_image():
+    """16 px patches of a 48 px image after a 4-layer stem: 9 tokens; an image's tokens do not depend on the rest
+    of its batch (no BatchNorm), and the first token's receptive field (31 px, padded) stays inside its patch."""
+    torch.manual_seed(0)
+    cfg = ViTConfig(image_size=48, patch_size=16, width=32, depth=1, heads=2, mlp_dim=64, class_token=False,
+                    conv_stem=(8, 8, 16, 16))
+    tower = VisionTransformer(cfg).eval()
+    x = pixels(size=48, n=3)
+    out = tower(x)
+    assert out.shape == (3, 9, 32)
+    assert torch.allclose(tower(x[1:2]), out[1:2], atol=1e-6)
+    y = x.clone()
+    y[:, :, 16:, :] = torch.randn(3, 3, 32, 48)  # every pixel outside the top-left 16 px block
+    tokens_x, tokens_y = tower.embed(x), tower.embed(y)  # (B, 9, C) before any attention
+    assert torch.equal(tokens_x[:, 0], tokens_y[:, 0]) and not torch.equal(tokens_x[:, 1:], tokens_y[:, 1:])
