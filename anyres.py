@@ -108,6 +108,12 @@ def merge_tiles(features, size: tuple[int, int], pinpoints, tile: int, newline, 
     return torch.cat([base, x.reshape(-1, C)])  # (grid^2 + h * (w + 1), C)
 
 
+def single_view(features, newline):
+    """features (1, grid^2, C) of an untiled image (OneVision's multi-image samples) -> (grid^2 + 1, C): the view's
+    tokens, then one newline."""
+    return torch.cat([features[0], newline.to(features.dtype)[None]])  # (grid^2 + 1, C)
+
+
 def check_pinpoints(pinpoints, tile: int):
     """Every canvas must be a whole number of tiles: transformers would otherwise cut ragged edge tiles."""
     for pinpoint in pinpoints:

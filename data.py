@@ -119,8 +119,8 @@ def encode_sample(record: dict, images: list, tokenizer, cfg, template: str, max
     each is then grown to cfg.image_tokens(its size); max_len is lowered by the growth, so the cut falls where
     it would in the grown sequence. A video's one tag becomes cfg.video_tokens(frames) video placeholders.
     """
-    sizes = [(im.height, im.width) for im in images]
-    counts = [cfg.image_tokens(size) for size in sizes] if frames is None else [cfg.video_tokens(len(frames))]
+    sizes, tiled = [(im.height, im.width) for im in images], cfg.tiles(len(images))
+    counts = [cfg.image_tokens(size, tiled) for size in sizes] if frames is None else [cfg.video_tokens(len(frames))]
     placeholder = cfg.image_token_id if frames is None else cfg.video_token_id
     if max_len is not None:
         max_len -= sum(counts) - len(counts)
@@ -131,16 +131,20 @@ def encode_sample(record: dict, images: list, tokenizer, cfg, template: str, max
     input_ids = [placeholder if i == cfg.image_token_id else i for i in input_ids]
     input_ids, labels = expand_images(input_ids, labels, counts, placeholder)
     return {"id": record["id"], "input_ids": torch.tensor(input_ids), "labels": torch.tensor(labels),
-            "pixel_values": images_to_pixels(images, cfg, image_mode),  # (T,), (T,), (views, 3, S, S) or None
+            "pixel_values": images_to_pixels(images, cfg, image_mode, tiled),  # (T,), (T,), (views, 3, S, S) or None
             "image_sizes": torch.tensor(sizes, dtype=torch.long).view(-1, 2) if images else None,  # (n_images, 2)
+            "image_tiled": torch.full((len(images),), tiled) if images else None,  # (n_images,) bool
             "videos": preprocess_video(frames, cfg.vision)[None] if frames is not None else None}  # (1, F, 3, S, S)
 
 
-def images_to_pixels(images: list, cfg, image_mode="pad") -> torch.Tensor | None:
+def images_to_pixels(images: list, cfg, image_mode="pad", tiled=True) -> torch.Tensor | None:
     """PIL images -> the model's pixel_values: (N, 3, S, S), one view per image, or with anyres each image's
-    base view and tiles in turn; None without images."""
+    base view and tiles in turn; None without images. tiled=False (cfg.tiles: OneVision's multi-image samples)
+    gives an anyres model one view per image, padded to a square with the mean colour as transformers does."""
     if not images:
         return None
+    if cfg.grid_pinpoints and not tiled:
+        return torch.stack([preprocess(im, cfg.vision, "pad") for im in images])
     if cfg.grid_pinpoints:
         return torch.cat([preprocess_anyres(im, cfg.vision, cfg.grid_pinpoints) for im in images])
     return torch.stack([preprocess(im, cfg.vision, image_mode) for im in images])
@@ -384,6 +388,7 @@ def collate(samples: list, pad_id: int, pack_len: int | None = None) -> dict:
     order = [samples[i] for row in rows for i in row]
     images = [s["pixel_values"] for s in order if s["pixel_values"] is not None]
     sizes = [s["image_sizes"] for s in order if s.get("image_sizes") is not None]
+    tiled = [s["image_tiled"] for s in order if s.get("image_tiled") is not None]
     videos = [s["videos"] for s in order if s.get("videos") is not None]
     return {
         "ids": [s["id"] for s in order],
@@ -393,6 +398,7 @@ def collate(samples: list, pad_id: int, pack_len: int | None = None) -> dict:
         "segment_ids": segment_ids if pack_len else None,  # (R, T)
         "pixel_values": torch.cat(images) if images else None,  # (N, 3, S, S); with anyres (views, 3, S, S)
         "image_sizes": torch.cat(sizes) if sizes else None,  # (N, 2): each image's (height, width)
+        "image_tiled": torch.cat(tiled) if tiled else None,  # (N,) bool: anyres images cut into tiles
         "videos": torch.cat(videos) if videos else None,  # (V, F, 3, S, S)
         "num_tokens": int((labels != IGNORE).sum()),
         "skipped": skipped,  # record index -> reason

@@ -134,7 +134,8 @@ def evaluate_qa(model: VLM, tokenizer: Tokenizer, records: list[dict], batch_siz
         ids = []
         for record, (prompt, _, _) in zip(batch, prompts, strict=True):  # each <image> grows to its own count
             one_each = encode_prompt(tokenizer, prompt, template, cfg.image_token_id, 1)
-            counts = [cfg.image_tokens((im.height, im.width)) for im in record["images"]]
+            tiled = cfg.tiles(len(record["images"]))  # OneVision tiles only a lone image
+            counts = [cfg.image_tokens((im.height, im.width), tiled) for im in record["images"]]
             ids.append(expand_images(one_each, one_each, counts, cfg.image_token_id)[0])  # ids as their own labels
         T = max(map(len, ids))
         input_ids = torch.full((len(ids), T), tokenizer.pad_id, dtype=torch.long)
@@ -143,8 +144,10 @@ def evaluate_qa(model: VLM, tokenizer: Tokenizer, records: list[dict], batch_siz
             input_ids[row, T - len(seq):] = torch.tensor(seq)
             attention_mask[row, T - len(seq):] = True
         images = [im for r in batch for im in r["images"]]
-        pixel_values = images_to_pixels(images, cfg, cfg.image_mode)  # (N, 3, S, S); anyres: (views, 3, S, S)
+        pixel_values = [images_to_pixels(r["images"], cfg, cfg.image_mode, cfg.tiles(len(r["images"]))) for r in batch]
+        pixel_values = torch.cat([p for p in pixel_values if p is not None]) if images else None  # (views, 3, S, S)
         sizes = torch.tensor([(im.height, im.width) for im in images]) if images else None  # (N, 2)
+        tiled = torch.tensor([cfg.tiles(len(r["images"])) for r in batch for _ in r["images"]]) if images else None
         if blind and pixel_values is not None:
             pixel_values = torch.zeros_like(pixel_values)
         if pixel_values is not None:
@@ -155,7 +158,7 @@ def evaluate_qa(model: VLM, tokenizer: Tokenizer, records: list[dict], batch_siz
             state.reset()
         new_tokens = model.generate(input_ids.to(device), pixel_values, max_new_tokens=max_new_tokens,
                                     eos_id=tokenizer.stop_ids, attention_mask=attention_mask.to(device), state=state,
-                                    image_sizes=sizes)
+                                    image_sizes=sizes, image_tiled=tiled)
         for record, (_, question, reference), tokens in zip(batch, prompts, new_tokens.tolist(), strict=True):
             answer = tokenizer.decode(tokenizer.until_stop(tokens)).strip()
             prediction = {"id": record["id"], "category": record.get("category", "all"), "question": question,

@@ -43,6 +43,7 @@ class VLMConfig:
     grid_pinpoints: list = field(default_factory=list)  # anyres (LLaVA-NeXT): [h, w] canvases to tile; [] = off
     anyres_max: int = 0  # OneVision's anyres_max_N: shrink a tiled map above N tiles' tokens; 0 = never
     video_token_id: int | None = None  # OneVision: the placeholder of a video's frames; None = no video input
+    multi_image_tiles: bool = True  # False (OneVision): only a sample's lone image is tiled; several get one view each
 
     def __post_init__(self):
         if not 0 <= self.image_token_id < self.lm.vocab_size:
@@ -58,8 +59,9 @@ class VLMConfig:
             if self.num_image_tokens != self.vision.num_patches:
                 raise ValueError("anyres lays tiles' patch grids side by side: it needs one token per patch "
                                  "(no pixel_shuffle, and drop_cls=True with a class token)")
-        elif self.anyres_max or self.video_token_id is not None:
-            raise ValueError("anyres_max and video_token_id (OneVision) need anyres: set grid_pinpoints")
+        elif self.anyres_max or self.video_token_id is not None or not self.multi_image_tiles:
+            raise ValueError("anyres_max, video_token_id and multi_image_tiles (OneVision) need anyres: set "
+                             "grid_pinpoints")
 
     @property
     def num_image_tokens(self) -> int:
@@ -67,11 +69,19 @@ class VLMConfig:
         patches = self.vision.num_patches + (self.vision.class_token and not self.drop_cls)
         return self.projector.num_tokens(patches)
 
-    def image_tokens(self, size: tuple[int, int] | None = None) -> int:
+    def tiles(self, num_images: int) -> bool:
+        """Whether the images of a sample holding num_images of them are tiled: with LLaVA-NeXT always; OneVision
+        tiles only a lone image, and shows each of several as one padded view (transformers' batch_num_images)."""
+        return bool(self.grid_pinpoints) and (self.multi_image_tiles or num_images == 1)
+
+    def image_tokens(self, size: tuple[int, int] | None = None, tiled=True) -> int:
         """Placeholder tokens for one image of (height, width) `size`. With anyres the count depends on the size;
-        preprocessing, the tokenizer's expansion and the model all ask here, so they cannot disagree."""
+        preprocessing, the tokenizer's expansion and the model all ask here, so they cannot disagree. An untiled
+        anyres image (see tiles) is its one view's tokens and a newline."""
         if not self.grid_pinpoints:
             return self.num_image_tokens
+        if not tiled:
+            return self.num_image_tokens + 1
         if size is None:
             raise ValueError("with anyres (grid_pinpoints), an image's token count needs its (height, width)")
         return anyres.num_tokens(size, self.grid_pinpoints, self.vision.image_size, self.vision.grid, self.anyres_max)
@@ -245,11 +255,12 @@ class VLM(nn.Module):
             features = features[:, 1:]  # (N, P, C_vision)
         return self.projector(features)
 
-    def image_features(self, pixel_values, image_sizes=None):
+    def image_features(self, pixel_values, image_sizes=None, image_tiled=None):
         """Every image's features in placeholder order, (sum of image_tokens, C_lm).
 
         Without anyres, pixel_values (N, 3, S, S) holds one view per image. With anyres it holds each image's
         base view and tiles in turn, and image_sizes (N, 2) gives each image's original (height, width).
+        image_tiled (N,) bool marks the images that were tiled (default: all); an untiled one has one view.
         """
         features = self.encode_images(pixel_values)  # (views, P, C)
         if not self.cfg.grid_pinpoints:
@@ -257,13 +268,16 @@ class VLM(nn.Module):
         if image_sizes is None:
             raise ValueError("an anyres model needs image_sizes: each image's (height, width)")
         sizes = [tuple(s) for s in torch.as_tensor(image_sizes).tolist()]
-        S = self.cfg.vision.image_size
-        views = [1 + rows * cols for rows, cols in (anyres.tile_grid(s, self.cfg.grid_pinpoints, S) for s in sizes)]
+        tiled = [True] * len(sizes) if image_tiled is None else torch.as_tensor(image_tiled).tolist()
+        S, pinpoints, newline = self.cfg.vision.image_size, self.cfg.grid_pinpoints, self.image_newline
+        views = [1 + rows * cols if t else 1
+                 for t, (rows, cols) in zip(tiled, (anyres.tile_grid(s, pinpoints, S) for s in sizes), strict=True)]
         if sum(views) != len(features):
             raise ValueError(f"{len(sizes)} images of sizes {sizes} make {sum(views)} views (base + tiles), "
                              f"but pixel_values holds {len(features)}")
-        return torch.cat([anyres.merge_tiles(f, s, self.cfg.grid_pinpoints, S, self.image_newline, self.cfg.anyres_max)
-                          for f, s in zip(features.split(views), sizes, strict=True)])
+        return torch.cat([anyres.merge_tiles(f, s, pinpoints, S, newline, self.cfg.anyres_max) if t
+                          else anyres.single_view(f, newline)
+                          for f, s, t in zip(features.split(views), sizes, tiled, strict=True)])
 
     def video_features(self, videos):
         """videos (V, F, 3, S, S) -> (V * video_tokens(F), C_lm), as LLaVA-OneVision encodes video: each frame
@@ -273,7 +287,7 @@ class VLM(nn.Module):
         frames = frames.reshape(V, -1, frames.size(-1))  # (V, F*P', C)
         return torch.cat([frames, self.image_newline.to(frames.dtype).expand(V, 1, -1)], dim=1).flatten(0, 1)
 
-    def embed(self, input_ids, pixel_values=None, image_sizes=None, videos=None):
+    def embed(self, input_ids, pixel_values=None, image_sizes=None, videos=None, image_tiled=None):
         """Token embeddings with each image's (and video's) features spliced over its placeholder block: (B, T, C)."""
         x = self.lm.tok_embed(input_ids)  # (B, T, C)
         is_image = input_ids == self.cfg.image_token_id  # (B, T)
@@ -282,7 +296,7 @@ class VLM(nn.Module):
             if n_slots:
                 raise ValueError(f"input_ids hold {n_slots} image placeholder tokens but no pixel_values were given")
         else:
-            image_features = self.image_features(pixel_values, image_sizes)  # (N_tokens, C)
+            image_features = self.image_features(pixel_values, image_sizes, image_tiled)  # (N_tokens, C)
             if n_slots != len(image_features):
                 n_images = len(pixel_values) if image_sizes is None else len(image_sizes)
                 raise ValueError(f"input_ids hold {n_slots} image placeholder tokens, but {n_images} images give "
@@ -310,7 +324,7 @@ class VLM(nn.Module):
         return x.masked_scatter(is_video[..., None], features.to(x.dtype))
 
     def forward(self, input_ids, pixel_values=None, labels=None, num_tokens=None, attention_mask=None,
-                segment_ids=None, image_sizes=None, videos=None):
+                segment_ids=None, image_sizes=None, videos=None, image_tiled=None):
         """-> (logits, loss). Without labels: logits (B, T, V) and loss None.
 
         attention_mask (B, T) marks real tokens (left padding allowed). segment_ids (B, T) marks packed
@@ -321,7 +335,7 @@ class VLM(nn.Module):
         and DDP average over the same tokens as one big batch. Only supervised positions reach the LM
         head, so most image and prompt positions never materialise vocab-sized logits.
         """
-        x = self.embed(input_ids, pixel_values, image_sizes, videos)
+        x = self.embed(input_ids, pixel_values, image_sizes, videos, image_tiled)
         if segment_ids is not None:
             flex = self.flex_packing if self.flex_packing is not None else x.is_cuda and SDPA_HAS_GQA
             h = self.lm(x, *packed_positions_and_mask(segment_ids, flex))
@@ -343,15 +357,17 @@ class VLM(nn.Module):
 
     @torch.inference_mode()
     def generate(self, input_ids, pixel_values=None, max_new_tokens=64, temperature=0.0, top_p=1.0, top_k=None,
-                 eos_id=None, attention_mask=None, generator=None, state=None, image_sizes=None, videos=None):
+                 eos_id=None, attention_mask=None, generator=None, state=None, image_sizes=None, videos=None,
+                 image_tiled=None):
         """-> new tokens (B, <= max_new_tokens). Rows that hit a stop id are filled with eos_id after it."""
         steps = list(self.stream(input_ids, pixel_values, max_new_tokens, temperature, top_p, top_k, eos_id,
-                                 attention_mask, generator, state, image_sizes, videos))
+                                 attention_mask, generator, state, image_sizes, videos, image_tiled))
         return torch.stack(steps, dim=1) if steps else input_ids.new_empty(input_ids.size(0), 0)
 
     @torch.inference_mode()
     def stream(self, input_ids, pixel_values=None, max_new_tokens=64, temperature=0.0, top_p=1.0, top_k=None,
-               eos_id=None, attention_mask=None, generator=None, state=None, image_sizes=None, videos=None):
+               eos_id=None, attention_mask=None, generator=None, state=None, image_sizes=None, videos=None,
+               image_tiled=None):
         """Yield the next token of every row (B,) step by step; stops early once every row has ended.
 
         The prompt is prefilled in one pass into a preallocated KV cache; each later step feeds one token.
@@ -371,7 +387,7 @@ class VLM(nn.Module):
         if start + T + max_new_tokens > S:
             raise ValueError(f"{start} cached + {T} new + {max_new_tokens} generated tokens do not fit the "
                              f"KV cache of {S}")
-        x = self.embed(input_ids, pixel_values, image_sizes, videos)
+        x = self.embed(input_ids, pixel_values, image_sizes, videos, image_tiled)
         slots = torch.arange(start, start + T, device=x.device)
         state.valid[:, start : start + T] = attention_mask
         positions = state.positions + (attention_mask.long().cumsum(1) - 1).clamp(min=0)  # (B, T)

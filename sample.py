@@ -77,12 +77,18 @@ def pixels(model: VLM, images: list[Image.Image]) -> torch.Tensor | None:
     if not images:
         return None
     weight = model.lm.tok_embed.weight
-    return images_to_pixels(images, model.cfg, model.cfg.image_mode).to(weight.device, weight.dtype)
+    tiled = model.cfg.tiles(len(images))
+    return images_to_pixels(images, model.cfg, model.cfg.image_mode, tiled).to(weight.device, weight.dtype)
 
 
 def image_sizes(images: list[Image.Image]) -> torch.Tensor | None:
     """(N, 2): each image's (height, width), by which an anyres model lays its tiles back out."""
     return torch.tensor([(im.height, im.width) for im in images]) if images else None
+
+
+def image_tiled(model: VLM, images: list[Image.Image]) -> torch.Tensor | None:
+    """(N,) bool: whether the prompt's images are tiled (OneVision tiles a lone image only, see VLMConfig.tiles)."""
+    return torch.full((len(images),), model.cfg.tiles(len(images))) if images else None
 
 
 def load_video(model: VLM, path, frames: int) -> torch.Tensor:
@@ -122,7 +128,8 @@ def encode(tokenizer: Tokenizer, model: VLM, text: str, template: str, first=Tru
         ids = [cfg.video_token_id if i == cfg.image_token_id else i for i in ids]
         return expand_images(ids, ids, [cfg.video_tokens(frames)], cfg.video_token_id)[0]  # ids as their own labels
     tags = ids.count(cfg.image_token_id)
-    counts = [cfg.image_tokens(size) for size in sizes] if sizes is not None else [cfg.image_tokens()] * tags
+    tiled = cfg.tiles(tags)
+    counts = [cfg.image_tokens(size, tiled) for size in sizes] if sizes is not None else [cfg.image_tokens()] * tags
     return expand_images(ids, ids, counts, cfg.image_token_id)[0]
 
 
@@ -146,7 +153,7 @@ def decoding(args, model: VLM) -> dict:
 
 
 def generate(model: VLM, tokenizer: Tokenizer, input_ids: list[int], px, args, out=None, sizes=None,
-             videos=None) -> torch.Tensor:
+             videos=None, tiled=None) -> torch.Tensor:
     """Decode args.num_samples answers as one batch; one sample streams to `out` (stdout). -> (N, <= max_new).
 
     Answers stop at the model's context length, as they do in a chat.
@@ -157,6 +164,7 @@ def generate(model: VLM, tokenizer: Tokenizer, input_ids: list[int], px, args, o
     if px is not None:
         px = px.repeat(args.num_samples, 1, 1, 1)  # (N * views, 3, S, S)
         sizes = sizes.repeat(args.num_samples, 1) if sizes is not None else None  # (N * images, 2)
+        tiled = tiled.repeat(args.num_samples) if tiled is not None else None  # (N * images,)
     if videos is not None:
         videos = videos.repeat(args.num_samples, 1, 1, 1, 1)  # (N, F, 3, S, S)
     context = model.cfg.lm.max_seq_len
@@ -167,7 +175,7 @@ def generate(model: VLM, tokenizer: Tokenizer, input_ids: list[int], px, args, o
     stream = TextStream(tokenizer) if args.num_samples == 1 else None
     steps = []
     for token in model.stream(ids, px, eos_id=tokenizer.stop_ids, state=state, image_sizes=sizes, videos=videos,
-                              **kw):
+                              image_tiled=tiled, **kw):
         steps.append(token)
         if stream is not None and int(token[0]) not in tokenizer.stop_ids:
             print(stream.push(int(token[0])), end="", file=out, flush=True)
@@ -230,7 +238,7 @@ class Chat:
         stops = self.tokenizer.stop_ids
         for token in self.model.stream(torch.tensor([new_ids], device=device), px, eos_id=stops,
                                        state=self.state, image_sizes=image_sizes(self.images) if first else None,
-                                       **kw):
+                                       image_tiled=image_tiled(self.model, self.images) if first else None, **kw):
             tokens.append(int(token[0]))
             if out is not None and tokens[-1] not in stops:
                 print(stream.push(tokens[-1]), end="", file=out, flush=True)
@@ -440,10 +448,13 @@ def main(argv=None):
     sizes = [(im.height, im.width) for im in images]
     input_ids = encode(tokenizer, model, prompt, template, sizes=sizes, frames=args.frames if args.video else None)
     px = pixels(model, images)
-    tokens = generate(model, tokenizer, input_ids, px, args, sizes=image_sizes(images), videos=videos)
+    tokens = generate(model, tokenizer, input_ids, px, args, sizes=image_sizes(images), videos=videos,
+                      tiled=image_tiled(model, images))
     if args.attention_map:
         if not images:
             raise SystemExit("error: --attention-map needs an --image")
+        if model.cfg.grid_pinpoints and not model.cfg.tiles(len(images)):
+            raise SystemExit("error: --attention-map draws tiled images; this checkpoint does not tile several")
         layers = parse_layers(args.attention_layers, model.cfg.lm.n_layers)
         written = write_attention_map(args.attention_map, model, tokenizer, input_ids, px, images,
                                       tokens[0].tolist(), layers)

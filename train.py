@@ -789,6 +789,7 @@ def train_step(train_model, model: VLM, micro: list[dict], optimizer, scaler, au
                                       batch["labels"].to(d.device), num_tokens=global_tokens / d.world_size,
                                       segment_ids=segment_ids.to(d.device) if segment_ids is not None else None,
                                       image_sizes=batch["image_sizes"],  # anyres: each image's (h, w)
+                                      image_tiled=batch["image_tiled"],  # anyres: which images were tiled
                                       videos=batch["videos"].to(d.device) if batch["videos"] is not None else None)
             scaler.scale(loss).backward()
         loss_sum += loss.item() / d.world_size

@@ -292,6 +292,64 @@ def test_onevision_round_trip_reloads_in_transformers(onevision_pair, tmp_path):
     assert rel_err(back(**kw).logits, ref(**kw).logits) < 1e-6
 
 
+def onevision_placeholders(hf_images, k: int, grid: int) -> int:
+    """How many placeholders transformers' OneVision processor writes for image k of a processed batch (its own
+    replace_image_token; the processor itself cannot be built without torchvision, for its video half)."""
+    from transformers import LlavaOnevisionProcessor
+
+    ns = SimpleNamespace(num_image_tokens=grid**2, vision_feature_select_strategy="full", image_token="<image>")
+    return LlavaOnevisionProcessor.replace_image_token(ns, hf_images, k).count("<image>")
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("sizes", [[(40, 90), (300, 500)], [(90, 40), (37, 53), (50, 50)]])
+def test_onevision_multi_image_prompt_shows_each_image_untiled_as_transformers(onevision_pair, tok, sizes):
+    """transformers' OneVision tiles only a sample's lone image: several get one mean-padded view + one newline."""
+    ref, ours = onevision_pair
+    cfg = ours.cfg
+    assert not cfg.multi_image_tiles and not cfg.tiles(len(sizes)) and cfg.tiles(1)
+    images = [photo(*size, seed=k) for k, size in enumerate(sizes)]
+    hf = onevision_processor(cfg.vision)([images], return_tensors="pt")  # one sample holding every image
+    assert hf["batch_num_images"].tolist() == [len(images)]
+    counts = [onevision_placeholders(hf, k, cfg.vision.grid) for k in range(len(images))]
+    assert counts == [cfg.image_tokens(size, tiled=False) for size in sizes] == [cfg.vision.grid**2 + 1] * len(sizes)
+    ids = image_prompt(0, cfg.image_token_id, n_text=3, vocab=VOCAB - 2)
+    for k, count in enumerate(counts):
+        ids = torch.cat([ids, torch.full((1, count), cfg.image_token_id), torch.tensor([[5 + k, 9 + k]])], dim=1)
+    pixels = sample.pixels(ours, images)  # (images, 3, S, S): one view each
+    theirs = hf["pixel_values"][:, 0]  # the processor zero-pads each image's views to the batch's most
+    assert pixels.shape == theirs.shape and (pixels - theirs).abs().max().item() < 1e-5
+    tiled = sample.image_tiled(ours, images)
+    kw = dict(input_ids=ids, pixel_values=hf["pixel_values"], image_sizes=hf["image_sizes"],
+              batch_num_images=hf["batch_num_images"])
+    logits, _ = ours(ids, pixels, image_sizes=hf["image_sizes"], image_tiled=tiled)
+    assert rel_err(logits, ref(**kw).logits) < 1e-4
+    want = ref.generate(**kw, max_new_tokens=8, do_sample=False, pad_token_id=0, eos_token_id=None)
+    got = ours.generate(ids, pixels, max_new_tokens=8, image_sizes=hf["image_sizes"], image_tiled=tiled)
+    assert torch.equal(got, want[:, ids.size(1):])
+    # the same record through data.py: placeholders, collate and the model agree (a lone image is still tiled)
+    one_cfg = scratch_like(tok, cfg)
+    samples = [encode_sample(record(len(images), 0), images, tok, one_cfg, "vicuna_v1", None, "pad"),
+               encode_sample(record(1, 1), images[:1], tok, one_cfg, "vicuna_v1", None, "pad")]
+    batch = collate(samples, tok.pad_id)
+    assert batch["image_tiled"].tolist() == [False] * len(images) + [True]
+    n_slots = int((batch["input_ids"] == one_cfg.image_token_id).sum())
+    want_slots = len(images) * (one_cfg.vision.grid**2 + 1) + one_cfg.image_tokens(sizes[0])
+    assert n_slots == want_slots
+    model = VLM(one_cfg).eval()
+    features = model.image_features(batch["pixel_values"], batch["image_sizes"], batch["image_tiled"])
+    assert len(features) == n_slots
+    model(batch["input_ids"], batch["pixel_values"], labels=batch["labels"], image_sizes=batch["image_sizes"],
+          image_tiled=batch["image_tiled"])  # the splice accepts the batch (it checks the counts)
+
+
+def scratch_like(tok, cfg: VLMConfig) -> VLMConfig:
+    """A small model over the tokenizer's vocabulary with cfg's vision and anyres settings (OneVision's rules)."""
+    lm = LlamaConfig(vocab_size=tok.vocab_size + 2, dim=64, n_layers=1, n_heads=4, n_kv_heads=2, hidden_dim=96,
+                     max_seq_len=2048)
+    return dataclasses.replace(cfg, lm=lm, image_token_id=tok.vocab_size, video_token_id=tok.vocab_size + 1)
+
+
 def test_pool_frames_matches_onevision_on_an_odd_grid():
     """At an even grid, bilinear 2x pooling equals a 2x2 mean; an odd grid (SigLIP-384/14 has 27) tells them apart."""
     from transformers.models.llava_onevision.modeling_llava_onevision import LlavaOnevisionModel
