@@ -23,7 +23,7 @@ from conftest import (
 )
 from safetensors.torch import load_file, save_file
 
-from model import VLM
+from model import VLM, preset
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -96,6 +96,23 @@ def test_towers_get_an_image_token_row_and_a_fresh_projector(clip_dir, llama_dir
     assert torch.allclose(table[VOCAB], table[:VOCAB].mean(0), atol=1e-6)
     assert ours.cfg.num_image_tokens == 4  # a 4 x 4 grid, shuffled 2 x 2
     assert ours.cfg.feature_layer == -2 and ours.cfg.drop_cls
+
+
+@torch.no_grad()
+def test_fresh_vision_puts_a_from_scratch_preset_tower_before_the_converted_lm(clip_dir, llama_dir, tmp_path):
+    """--fresh-vision tiny: the tiny preset's tower and feature choice with random weights, the LM exactly as
+    --vision converts it: a pretrained LM that learns to see ShapesWorld (experiments.py's binding control)."""
+    convert("--fresh-vision", "tiny", "--lm", llama_dir, "--out", tmp_path / "fresh")
+    convert("--vision", clip_dir, "--lm", llama_dir, "--out", tmp_path / "clip")
+    fresh, tiny = VLM.from_pretrained(tmp_path / "fresh"), preset("tiny")
+    assert (fresh.cfg.vision, fresh.cfg.feature_layer, fresh.cfg.drop_cls) == (tiny.vision, -1, False)
+    lm = {k: v for k, v in load_file(tmp_path / "fresh" / "model.safetensors").items() if k.startswith("lm.")}
+    clip_lm = {k: v for k, v in load_file(tmp_path / "clip" / "model.safetensors").items() if k.startswith("lm.")}
+    assert lm.keys() == clip_lm.keys() and all(torch.equal(v, clip_lm[k]) for k, v in lm.items())
+    ids = image_prompt(fresh.cfg.num_image_tokens, fresh.cfg.image_token_id)  # 36 tokens: 8 px patches of 48 px
+    assert torch.isfinite(fresh(ids, torch.randn(1, 3, 48, 48))[0]).all()
+    with pytest.raises(SystemExit):
+        convert("--vision", clip_dir, "--fresh-vision", "tiny", "--lm", llama_dir, "--out", tmp_path / "both")
 
 
 @torch.no_grad()
