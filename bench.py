@@ -225,7 +225,7 @@ def our_paths(args, device, dtype, max_len: int) -> dict:
         model = VLM.from_pretrained(args.checkpoint, device=device,
                                     dtype=torch.bfloat16 if kind == "bf16" else dtype).eval()
         if kind == "int8" and model.cfg.quantize is None:
-            model.quantize_int8()
+            model.quantize("int8")
         state = None
         if compiled:
             model.compile_decode_step()

@@ -817,7 +817,7 @@ def split_fused(our_key: str, their_key, tensor: torch.Tensor, cfg: VLMConfig) -
 def quantize_checkpoint(ckpt: Path) -> str:
     """Rewrite a converted checkpoint with int8 LM layers. Its config records quantize="int8", so from_pretrained
     rebuilds the same modules and loads the int8 weights strictly."""
-    model = VLM.from_pretrained(ckpt).quantize_int8()
+    model = VLM.from_pretrained(ckpt).quantize("int8")
     model.save_pretrained(ckpt / "int8.tmp")  # not over the file the unquantized tensors are memory-mapped from
     for name in ("config.json", "model.safetensors"):
         (ckpt / "int8.tmp" / name).replace(ckpt / name)

@@ -20,7 +20,7 @@ import anyres
 from llama import SDPA_HAS_GQA, Llama, LlamaConfig, rope_frequencies
 from lora import LoRALinear
 from projector import Projector, ProjectorConfig
-from quantize import quantize_int8
+from quantize import quantize_lm
 from vit import VisionTransformer, ViTConfig, siglip_config
 
 if SDPA_HAS_GQA:  # torch >= 2.5
@@ -39,7 +39,8 @@ class VLMConfig:
     drop_cls: bool = True  # LLaVA's "default" strategy drops the CLS token; "full" keeps it
     image_mode: str = "pad"  # LLaVA-1.5 pads images to square; "crop" centre-crops like CLIP
     template: str = "vicuna_v1"  # the chat template the model was (or will be) finetuned with
-    quantize: str | None = None  # "int8": the LM's linear layers hold int8 weights, 4x fewer bytes per token
+    quantize: str | None = None  # "int8" / "int4": the LM's linear layers hold 8- / 4-bit weights (quantize.py)
+    quant_group_size: int = 32  # int4: inputs per scale and min (llama.cpp's Q4 blocks are 32)
     grid_pinpoints: list = field(default_factory=list)  # anyres (LLaVA-NeXT): [h, w] canvases to tile; [] = off
     anyres_max: int = 0  # OneVision's anyres_max_N: shrink a tiled map above N tiles' tokens; 0 = never
     video_token_id: int | None = None  # OneVision: the placeholder of a video's frames; None = no video input
@@ -52,8 +53,8 @@ class VLMConfig:
             raise ValueError("drop_cls=True, but the vision tower has no class token")
         if self.projector.kind == "pixel_shuffle" and self.vision.class_token and not self.drop_cls:
             raise ValueError("pixel_shuffle needs a square patch grid: set drop_cls=True")
-        if self.quantize not in (None, "int8"):
-            raise ValueError(f"unsupported quantize {self.quantize!r} (None or 'int8')")
+        if self.quantize not in (None, "int8", "int4"):
+            raise ValueError(f"unsupported quantize {self.quantize!r} (None, 'int8' or 'int4')")
         if self.grid_pinpoints:
             anyres.check_pinpoints(self.grid_pinpoints, self.vision.image_size)
             if self.num_image_tokens != self.vision.num_patches:
@@ -242,8 +243,8 @@ class VLM(nn.Module):
         self.vision = VisionTransformer(cfg.vision)
         self.projector = Projector(cfg.projector, cfg.vision.width, cfg.lm.dim)
         self.lm = Llama(cfg.lm)
-        if cfg.quantize == "int8":  # decoding reads only the LM's weights once per token; the ViT runs once
-            quantize_int8(self.lm)
+        if cfg.quantize:  # decoding reads only the LM's weights once per token; the ViT runs once
+            quantize_lm(self.lm, cfg.quantize, cfg.quant_group_size)
         # anyres: a learned token that ends each row of a tiled feature map, so the LM can tell where rows break
         self.image_newline = nn.Parameter(torch.randn(cfg.lm.dim) * cfg.lm.dim**-0.5) if cfg.grid_pinpoints else None
         self.flex_packing = None  # packed rows: FlexAttention if True, an explicit mask if False; None = on CUDA
@@ -492,21 +493,23 @@ class VLM(nn.Module):
     def prepare_decoding(self, quantize: str | None = None, compile: bool = False) -> "VLM":
         """What sample.py and eval.py do before decoding: int8 layers made at load time (unless the checkpoint
         already holds them), then the compiled one-token step."""
-        if quantize == "int8" and self.cfg.quantize is None:
-            self.quantize_int8()
+        if quantize and self.cfg.quantize not in (None, quantize):
+            raise ValueError(f"the checkpoint is {self.cfg.quantize} already; it cannot be made {quantize}")
+        if quantize and self.cfg.quantize is None:
+            self.quantize(quantize)
         if compile:
             self.compile_decode_step()
         return self
 
-    def quantize_int8(self):
-        """Swap the LM's linear layers for int8 ones (quantize.py); the config records it, so a saved checkpoint
-        is rebuilt quantized and loads strictly."""
-        quantize_int8(self.lm)
-        self.cfg = dataclasses.replace(self.cfg, quantize="int8")
+    def quantize(self, kind: str = "int8"):
+        """Swap the LM's linear layers for int8 or int4 ones (quantize.py); the config records it, so a saved
+        checkpoint is rebuilt quantized and loads strictly."""
+        self.cfg = dataclasses.replace(self.cfg, quantize=kind)  # checked by VLMConfig
+        quantize_lm(self.lm, kind, self.cfg.quant_group_size)
         return self
 
     def tied_keys(self) -> set[str]:
-        tied = self.cfg.lm.tie_embeddings and self.cfg.quantize is None  # an int8 head is its own copy
+        tied = self.cfg.lm.tie_embeddings and self.cfg.quantize is None  # a quantized head is its own copy
         return {"lm.head.weight"} if tied else set()
 
     def load_checked(self, state: dict, source="state dict"):
