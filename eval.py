@@ -241,8 +241,9 @@ def main(argv=None):
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu, cuda, ...")
     parser.add_argument("--compile", action="store_true", help="compile the one-token decode step over a static "
                         "KV cache (inductor on CPU, CUDA graphs on CUDA); the same answers as without")
-    parser.add_argument("--quantize", choices=["int8"], default=None,
-                        help="int8 weight-only LM layers made at load time (quantize.py); answers may differ slightly")
+    parser.add_argument("--quantize", choices=["int8", "int4"], default=None,
+                        help="int8 or int4 weight-only LM layers made at load time (quantize.py); answers may differ "
+                        "slightly")
     args = parser.parse_args(argv)
     if (args.data is None) == (args.shapes is None):
         parser.error("give exactly one of --data FILE or --shapes N")
@@ -250,9 +251,9 @@ def main(argv=None):
     model, tokenizer = load_checkpoint(args.checkpoint, args.device)
     try:
         check_template(tokenizer, args.template or model.cfg.template)
+        model.prepare_decoding(args.quantize, args.compile)
     except ValueError as err:
         raise SystemExit(f"error: {err}") from None
-    model.prepare_decoding(args.quantize, args.compile)
     try:
         if args.shapes is not None:
             world = checkpoint_world(args.checkpoint, model.cfg.vision.image_size, args.shapes)
