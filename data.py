@@ -9,6 +9,7 @@ import argparse
 import json
 import math
 import random
+import re
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +23,8 @@ from torch.utils.data import Dataset
 import anyres
 from tokenizer import IGNORE, IMAGE, ROLES, TEMPLATES, TooLong, corpus_text, encode_conversation
 from video import VideoError, read_video
+
+VIDEO = "<video>"  # a video's tag in a record that mixes images and videos; tokenized as one <image> placeholder
 
 
 class DataError(ValueError):
@@ -112,29 +115,34 @@ class Skipped(NamedTuple):
 
 
 def encode_sample(record: dict, images: list, tokenizer, cfg, template: str, max_len: int | None,
-                  image_mode: str, frames: list | None = None) -> dict:
-    """One record (conversations + PIL images in tag order, or a video's frames) -> the sample dict collate batches.
+                  image_mode: str, videos: list = ()) -> dict:
+    """One record (conversations + PIL images and videos' frames, each in tag order) -> the sample dict collate
+    batches. record["media"] says which tags are videos ("image"/"video" in text order; default: the images,
+    then the videos).
 
-    With anyres each image has its own token count, so the text is tokenized with one placeholder per image and
-    each is then grown to cfg.image_tokens(its size); max_len is lowered by the growth, so the cut falls where
-    it would in the grown sequence. A video's one tag becomes cfg.video_tokens(frames) video placeholders.
+    With anyres each image has its own token count, so the text is tokenized with one placeholder per tag and
+    each is then grown to cfg.image_tokens(its size), a video's to cfg.video_tokens(its frames) video
+    placeholders; max_len is lowered by the growth, so the cut falls where it would in the grown sequence.
     """
+    media = record.get("media") or ["image"] * len(images) + ["video"] * len(videos)
     sizes, tiled = [(im.height, im.width) for im in images], cfg.tiles(len(images))
-    counts = [cfg.image_tokens(size, tiled) for size in sizes] if frames is None else [cfg.video_tokens(len(frames))]
-    placeholder = cfg.image_token_id if frames is None else cfg.video_token_id
+    per_image = iter([cfg.image_tokens(size, tiled) for size in sizes])
+    per_video = iter([cfg.video_tokens(len(clip)) for clip in videos])
+    counts = [next(per_image) if m == "image" else next(per_video) for m in media]
     if max_len is not None:
         max_len -= sum(counts) - len(counts)
         if max_len < 1:
-            raise TooLong(f"the images or video take {sum(counts)} tokens, more than max_len")
+            raise TooLong(f"the images and videos take {sum(counts)} tokens, more than max_len")
     input_ids, labels = encode_conversation(tokenizer, record["conversations"], template, cfg.image_token_id, 1,
                                             max_len)
-    input_ids = [placeholder if i == cfg.image_token_id else i for i in input_ids]
-    input_ids, labels = expand_images(input_ids, labels, counts, placeholder)
+    fills = [cfg.image_token_id if m == "image" else cfg.video_token_id for m in media]
+    input_ids, labels = expand_images(input_ids, labels, counts, cfg.image_token_id, fills)
     return {"id": record["id"], "input_ids": torch.tensor(input_ids), "labels": torch.tensor(labels),
             "pixel_values": images_to_pixels(images, cfg, image_mode, tiled),  # (T,), (T,), (views, 3, S, S) or None
             "image_sizes": torch.tensor(sizes, dtype=torch.long).view(-1, 2) if images else None,  # (n_images, 2)
             "image_tiled": torch.full((len(images),), tiled) if images else None,  # (n_images,) bool
-            "videos": preprocess_video(frames, cfg.vision)[None] if frames is not None else None}  # (1, F, 3, S, S)
+            "videos": torch.stack([preprocess_video(clip, cfg.vision) for clip in videos]) if videos else None}
+    # videos: (V, F, 3, S, S)
 
 
 def images_to_pixels(images: list, cfg, image_mode="pad", tiled=True) -> torch.Tensor | None:
@@ -150,15 +158,17 @@ def images_to_pixels(images: list, cfg, image_mode="pad", tiled=True) -> torch.T
     return torch.stack([preprocess(im, cfg.vision, image_mode) for im in images])
 
 
-def expand_images(ids: list[int], labels: list[int], counts: list[int], image_token_id: int):
-    """Grow the k-th image placeholder into counts[k] copies (its label, IGNORE, copied along)."""
+def expand_images(ids: list[int], labels: list[int], counts: list[int], image_token_id: int, fills=None):
+    """Grow the k-th image placeholder into counts[k] copies (its label, IGNORE, copied along), of fills[k]
+    (default: the placeholder itself; a video's tag becomes video placeholders)."""
     if ids.count(image_token_id) != len(counts):
         raise ValueError(f"{ids.count(image_token_id)} image placeholders for {len(counts)} images")
+    fills = fills or [image_token_id] * len(counts)
     grown_ids, grown_labels, k = [], [], 0
     for token, label in zip(ids, labels, strict=True):
         n = 1
         if token == image_token_id:
-            n, k = counts[k], k + 1
+            n, token, k = counts[k], fills[k], k + 1
         grown_ids += [token] * n
         grown_labels += [label] * n
     return grown_ids, grown_labels
@@ -203,10 +213,13 @@ def parse_line(line: str, number: int):
 
 
 def clean_record(record, index: int) -> dict | str:
-    """A record as {"index", "id", "images", "video", "conversations"} with roles human/gpt, or why it is unusable.
+    """A record as {"index", "id", "images", "videos", "media", "conversations"} with roles human/gpt, or why it
+    is unusable.
 
-    As LLaVA does, a single image's `<image>` tag moves to the front of its turn: "<image>\\n{question}". A
-    record may instead hold one "video" (LLaVA-OneVision's data), whose frames the one `<image>` tag stands for.
+    "image" and "video" are a path or a list of paths. Each image has an `<image>` tag, each video a `<video>`
+    tag; a record with one video and no image may tag it `<image>`, as LLaVA-OneVision's data does. `media`
+    lists the tags' kinds in text order, and every tag is written `<image>` (one placeholder, grown later). As
+    LLaVA does, a lone tag moves to the front of its turn: "<image>\\n{question}".
     """
     if isinstance(record, MalformedLine):
         return "malformed line"
@@ -226,17 +239,22 @@ def clean_record(record, index: int) -> dict | str:
     images = [images] if isinstance(images, str) else images
     if not isinstance(images, list) or not all(isinstance(p, str) for p in images):
         return "malformed record"
-    video = record.get("video")
-    if video is not None and (not isinstance(video, str) or images):
-        return "malformed record"  # one video per record, without images
+    videos = record.get("video") or []
+    videos = [videos] if isinstance(videos, str) else videos
+    if not isinstance(videos, list) or not all(isinstance(p, str) for p in videos):
+        return "malformed record"
     values = [t["value"] for t in turns]
-    if sum(v.count(IMAGE) for v in values) != len(images) + (video is not None):
+    if len(videos) == 1 and not images and not any(VIDEO in v for v in values):
+        values = [v.replace(IMAGE, VIDEO) for v in values]  # OneVision's data: the video's tag is <image>
+    tags = [tag for v in values for tag in re.findall(f"{IMAGE}|{VIDEO}", v)]
+    if tags.count(IMAGE) != len(images) or tags.count(VIDEO) != len(videos):
         return "image/tag count mismatch"
-    if len(images) + (video is not None) == 1:
+    values = [v.replace(VIDEO, IMAGE) for v in values]
+    if len(tags) == 1:
         values = [(IMAGE + "\n" + v.replace(IMAGE, "").strip()).strip() if IMAGE in v else v for v in values]
     conversations = [{"from": role, "value": v} for role, v in zip(roles, values, strict=True)]
-    return {"index": index, "id": str(record.get("id", index)), "images": images, "video": video,
-            "conversations": conversations}
+    return {"index": index, "id": str(record.get("id", index)), "images": images, "videos": videos,
+            "media": ["image" if tag == IMAGE else "video" for tag in tags], "conversations": conversations}
 
 
 def skip_report(skipped: dict[int, str], total: int, malformed_lines: list[int] = ()) -> str:
@@ -293,7 +311,7 @@ class LlavaDataset(Dataset):
         self.max_len, self.image_mode, self.frames = max_len, image_mode, frames  # frames sampled per video
         self.num_records, self.skipped = len(raw), {}
         self.malformed_lines = [r.line for r in raw if isinstance(r, MalformedLine)]
-        media = set()  # "images", "video": what the usable records hold
+        media = set()  # "images", "videos": what the usable records hold
 
         def usable(raw):
             for index in range(len(raw)):
@@ -302,14 +320,14 @@ class LlavaDataset(Dataset):
                 if isinstance(clean, str):
                     self.skipped[index] = clean
                     continue
-                media.update(key for key in ("images", "video") if clean[key])
+                media.update(key for key in ("images", "videos") if clean[key])
                 yield clean
 
         self.records = PackedRecords(usable(raw))
         del raw
         if media and not self.image_folder.is_dir():
             raise DataError(f"{self.image_folder}: no such image folder")
-        if "video" in media and getattr(cfg, "video_token_id", None) is None:
+        if "videos" in media and getattr(cfg, "video_token_id", None) is None:
             raise DataError(f"{path}: holds video records, but the model takes no video (no video_token_id)")
 
     def __len__(self):
@@ -317,12 +335,13 @@ class LlavaDataset(Dataset):
 
     def __getitem__(self, i) -> dict | Skipped:
         record = self.records[i]
-        media = "video" if record["video"] else "image"
+        media = "image"  # what is being read, for the skip's reason
         try:
             images = [load_image(self.image_folder / p) for p in record["images"]]
-            frames = read_video(self.image_folder / record["video"], self.frames) if record["video"] else None
+            media = "video"
+            videos = [read_video(self.image_folder / p, self.frames) for p in record["videos"]]
             return encode_sample(record, images, self.tokenizer, self.cfg, self.template, self.max_len,
-                                 self.image_mode, frames)
+                                 self.image_mode, videos)
         except FileNotFoundError:
             reason = f"missing {media}"
         except (DataError, VideoError):

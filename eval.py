@@ -88,6 +88,9 @@ def file_records(path, image_folder) -> tuple[list[dict], dict[int, str], int]:
         if isinstance(clean, str):
             skipped[index] = clean
             continue
+        if clean["videos"]:
+            skipped[index] = "video record (eval.py scores images only)"
+            continue
         try:
             images = [load_image(folder / p) for p in clean["images"]]
         except FileNotFoundError:

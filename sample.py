@@ -438,6 +438,8 @@ def main(argv=None):
         raise SystemExit("error: --attention-map draws one answer: use it with --num-samples 1")
     if args.attention_map and args.video:
         raise SystemExit("error: --attention-map does not yet draw video frames")
+    if images and args.video:
+        raise SystemExit("error: give --image or --video, not both (records mixing them train through train.py)")
     videos = load_video(model, args.video, args.frames) if args.video else None
     template = args.template or model.cfg.template
     try:

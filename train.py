@@ -287,7 +287,7 @@ def build_dataset(args, tokenizer: Tokenizer, model: VLM):
     if args.data:
         try:
             dataset = LlavaDataset(args.data, args.image_folder, tokenizer, cfg, args.template, args.max_len,
-                                   cfg.image_mode)
+                                   cfg.image_mode, args.frames)
         except DataError as err:
             raise SystemExit(f"error: {err}") from None
         if len(dataset) == 0:
@@ -892,6 +892,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--template", choices=TEMPLATES, help="default: plain for pretrain; for finetune the "
                    "--init checkpoint's own (vicuna_v1 from scratch, chatml for SmolLM2, llama3 for Llama-3)")
     p.add_argument("--max-len", type=int, help="longest sample in tokens (default: the LM's max_seq_len)")
+    p.add_argument("--frames", type=int, default=8, help="frames sampled uniformly from each video in --data "
+                   "(a OneVision-style model's video_tokens grow with them); a shorter video is skipped")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="repeatable. With a preset --init, change a model field: vision.patch_size=16, "
                    "projector.kind=linear, lm.n_layers=2. world.KEY changes ShapesWorld: world.train_size=2000 "
@@ -940,6 +942,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--eval-data", help="QA records for --eval-every (default: ShapesWorld's held-out split)")
     g.add_argument("--eval-samples", type=int, default=MAIN_JOB_EVAL, help="ShapesWorld held-out questions scored")
     args = p.parse_args(argv)
+    if args.frames < 1:
+        p.error("--frames must be at least 1")
     args.model_sets, args.world_sets = parse_sets(args.set)
     for key, value in args.model_sets.items():  # unknown fields fail now, not after the tokenizer is trained
         with contextlib.suppress(ValueError, TypeError):  # values are checked against the chosen preset later

@@ -1,6 +1,7 @@
 """anyres (LLaVA-NeXT / OneVision tiles): geometry, preprocessing and feature merging against transformers."""
 
 import dataclasses
+import itertools
 import json
 from types import SimpleNamespace
 
@@ -446,7 +447,7 @@ def test_llava_records_with_video_encode_or_are_skipped_with_their_reason(tok, s
     (tmp_path / "data.json").write_text(json.dumps(records))
     dataset = LlavaDataset(tmp_path / "data.json", None, tok, scratch.cfg, frames=4)
     samples = [dataset[i] for i in range(len(dataset))]
-    assert dataset.skip_report() == ("skipped 4 of 6 records: 2 unreadable video, 1 malformed record, "
+    assert dataset.skip_report() == ("skipped 4 of 6 records: 2 unreadable video, 1 image/tag count mismatch, "
                                      "1 missing video")
     video, image = samples[0], samples[1]
     assert video["videos"].shape == (1, 4, 3, TILE, TILE) and video["pixel_values"] is None
@@ -459,6 +460,65 @@ def test_llava_records_with_video_encode_or_are_skipped_with_their_reason(tok, s
                      image_sizes=s["image_sizes"], videos=s["videos"], num_tokens=batch["num_tokens"])[1]
              for s in (video, image)]
     assert rel_err(loss, sum(alone)) < 1e-5
+
+
+@torch.no_grad()
+def test_records_mixing_images_and_videos_splice_each_in_tag_order(tok, scratch, tmp_path):
+    """LLaVA-OneVision's data mixes images (<image>) and videos (<video>) in one conversation; bad media are
+    counted skips naming their kind."""
+    clips = [[photo(40, 56, seed=10 * v + k) for k in range(6)] for v in range(2)]
+    for v, clip in enumerate(clips):
+        clip[0].save(tmp_path / f"clip{v}.gif", save_all=True, append_images=clip[1:])
+    (tmp_path / "broken.mp4").write_bytes(b"not a video")
+    for k, size in enumerate([(40, 90), (300, 500)]):
+        photo(*size, seed=k).save(tmp_path / f"im{k}.png")
+    question = "Compare <image> with <video>, then <video> and <image>."
+    turns = [{"from": "human", "value": question}, {"from": "gpt", "value": "red"},
+             {"from": "human", "value": "And now?"}, {"from": "gpt", "value": "blue"}]
+    mixed = {"image": ["im0.png", "im1.png"], "video": ["clip0.gif", "clip1.gif"], "conversations": turns}
+    records = [mixed | {"id": "mixed"}, mixed | {"id": "broken", "video": ["clip0.gif", "broken.mp4"]},
+               mixed | {"id": "gone", "image": ["im0.png", "gone.png"]}, mixed | {"id": "few", "video": "clip0.gif"}]
+    (tmp_path / "data.json").write_text(json.dumps(records))
+    dataset = LlavaDataset(tmp_path / "data.json", None, tok, scratch.cfg, frames=3)
+    sample_, *_ = [dataset[i] for i in range(len(dataset))]
+    assert dataset.skip_report() == (
+        "skipped 3 of 4 records: 1 image/tag count mismatch, 1 unreadable video, 1 missing image")
+    assert dataset.records[0]["media"] == ["image", "video", "video", "image"]
+    cfg, ids = scratch.cfg, sample_["input_ids"]
+    assert sample_["videos"].shape == (2, 3, 3, TILE, TILE) and sample_["image_tiled"].tolist() == [True, True]
+    # the blocks follow the tags: image 0, video 0, video 1, image 1 (runs of one placeholder id, in order)
+    runs = [(int(t), len(list(g))) for t, g in itertools.groupby(ids.tolist())
+            if int(t) in (cfg.image_token_id, cfg.video_token_id)]
+    video = (cfg.video_token_id, cfg.video_tokens(3))
+    assert runs == [(cfg.image_token_id, cfg.image_tokens((40, 90))), video, video,
+                    (cfg.image_token_id, cfg.image_tokens((300, 500)))]
+    assert sample_["labels"][ids == cfg.video_token_id].eq(-100).all()
+    batch = collate([sample_], tok.pad_id)
+    x = scratch.embed(batch["input_ids"], batch["pixel_values"], batch["image_sizes"], batch["videos"],
+                      batch["image_tiled"])[0]
+    assert torch.equal(x[ids == cfg.video_token_id], scratch.video_features(sample_["videos"]))
+    assert torch.equal(x[ids == cfg.image_token_id],
+                       scratch.image_features(sample_["pixel_values"], sample_["image_sizes"]))
+    frames = [preprocess_video(read_video(tmp_path / f"clip{v}.gif", 3), cfg.vision) for v in range(2)]
+    assert torch.equal(sample_["videos"], torch.stack(frames))
+
+
+def test_train_frames_flag_sets_the_frames_read_per_video(tok, scratch, tmp_path):
+    import train
+
+    clip = [photo(40, 56, seed=k) for k in range(5)]
+    clip[0].save(tmp_path / "clip.gif", save_all=True, append_images=clip[1:])
+    turns = [{"from": "human", "value": "<video>\nWhat happens?"}, {"from": "gpt", "value": "red"}]
+    (tmp_path / "data.json").write_text(json.dumps([{"id": "v", "video": "clip.gif", "conversations": turns}]))
+    for frames, want in [(4, (1, 4, 3, TILE, TILE)), (6, None)]:  # the gif has 5 frames: 6 is a counted skip
+        args = train.parse_args(["--stage", "finetune", "--init", "tiny", "--data", str(tmp_path / "data.json"),
+                                 "--frames", str(frames)])
+        args.max_len, args.template = 1024, "vicuna_v1"  # what train() fills in from the model
+        dataset, _, _ = train.build_dataset(args, tok, scratch)
+        got = dataset[0]
+        assert got.reason == "unreadable video" if want is None else got["videos"].shape == want
+    with pytest.raises(SystemExit):
+        train.parse_args(["--frames", "0"])
 
 
 @torch.no_grad()

@@ -44,7 +44,7 @@ def tok(tmp_path_factory):
 @pytest.fixture(scope="module")
 def cfg(tok):
     return SimpleNamespace(image_token_id=tok.vocab_size, num_image_tokens=4, vision=VISION, grid_pinpoints=[],
-                           image_tokens=lambda size=None: 4)
+                           image_tokens=lambda size=None, tiled=True: 4, tiles=lambda num_images: False)
 
 
 def random_image(w, h, seed=0):
