@@ -3,7 +3,9 @@
 import json
 
 import pytest
+import torch
 from PIL import Image
+from safetensors.torch import load_file
 
 import experiments
 
@@ -44,3 +46,21 @@ def test_binding_sweep_splits_across_calls_reuses_results_and_reports(tmp_path):
     assert list(rows) == ["baseline", "canon k3"]
     assert all(0 <= row["binding_errors"] <= row["wrong"] <= 8 for row in rows.values())
     assert "binding errors/wrong" in (tmp_path / "docs" / "binding.md").read_text()
+
+
+@pytest.mark.slow
+def test_binding_control_trains_a_fresh_tower_before_the_frozen_real_lm(smollm2_gguf, tmp_path):
+    """The control converts SmolLM2 with a from-scratch tiny tower, trains the tower and projector on captions with
+    the LM frozen, then adds LoRA on questions, and reports like any variant (~100 s: a 135M LM on CPU)."""
+    name = "control: SmolLM2-135M + LoRA"
+    experiments.main(["binding", "--smoke", "--variants", name, "--control-lm", str(smollm2_gguf),
+                      "--out", str(tmp_path / "docs"), "--work", str(tmp_path / "runs")])
+    run = tmp_path / "runs" / "binding" / "control_SmolLM2-135M__LoRA"
+    init, pretrain = (load_file(run / stage / "model.safetensors") for stage in ("init", "pretrain"))
+    assert all(torch.equal(v, pretrain[k]) for k, v in init.items() if k.startswith("lm."))  # frozen
+    assert not torch.equal(init["vision.patch_embed.weight"], pretrain["vision.patch_embed.weight"])  # trained
+    assert (run / "finetune" / "adapter.safetensors").is_file()
+    assert json.loads((run / "finetune" / "config.json").read_text())["template"] == "chatml"
+    row = json.loads((run / "result.json").read_text())["row"]
+    assert row["image_tokens"] == 36 and 0 <= row["binding_errors"] <= row["wrong"] <= 8
+    assert row["budget"].startswith("2 caption + 2 question steps")
