@@ -10,6 +10,7 @@ import torch
 from conftest import VOCAB, convert, llama_config, random_init, rel_err, transformers
 
 from model import VLM
+from quantize import Int4Linear
 
 gguf = pytest.importorskip("gguf")
 
@@ -130,6 +131,25 @@ def test_gguf_converts_to_transformers_logits(arch, tied, siglip_dir, tmp_path):
     assert (ours.cfg.lm.tie_embeddings, ours.cfg.lm.attn_bias, ours.cfg.lm.proj_bias) == (tied, arch == "qwen2", False)
     ids = torch.randint(3, VOCAB - 3, (2, 11), generator=torch.Generator().manual_seed(0))
     assert rel_err(ours(ids)[0][..., :VOCAB], ref(ids).logits) < 1e-4
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("qtype", ["Q4_0", "Q4_1"])
+def test_gguf_q4_blocks_become_int4_layers_exactly(qtype, siglip_dir, tmp_path, capsys):
+    """--quantize int4 takes a Q4 file's blocks as stored: each Int4Linear dequantizes to exactly the weights the
+    plain conversion dequantizes (the gguf package's reading, q/k un-permuted, q/k/v and gate/up stacked). Q4_0's
+    blocks (w = d (q - 8)) are not what rounding the dequantized weights to nearest would give."""
+    path = write_gguf(tmp_path / "q4.gguf", tiny_llama(), qtype=getattr(gguf.GGMLQuantizationType, qtype))
+    convert("--vision", siglip_dir, "--lm", path, "--out", tmp_path / "fp32")
+    convert("--vision", siglip_dir, "--lm", path, "--out", tmp_path / "int4", "--quantize", "int4")
+    assert "8 of 8 int4 layers are the file's own Q4 blocks" in capsys.readouterr().out
+    fp32, int4 = VLM.from_pretrained(tmp_path / "fp32"), VLM.from_pretrained(tmp_path / "int4")
+    layers = [name for name, m in int4.named_modules() if isinstance(m, Int4Linear)]
+    assert len(layers) == 8  # 2 blocks x (qkv, proj, gate_up, down)
+    for name in layers:
+        assert torch.equal(int4.get_submodule(name).dequantize(), fp32.get_submodule(name).weight), name
+    ids = torch.randint(3, VOCAB - 3, (1, 12), generator=torch.Generator().manual_seed(0))
+    assert rel_err(int4(ids)[0], fp32(ids)[0]) < 0.05  # the fused kernel's bf16 and the int8 head
 
 
 LONG_ROPE = {"rope_type": "llama3", "rope_theta": 10000.0, "factor": 8.0, "low_freq_factor": 1.0,
