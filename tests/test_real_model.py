@@ -19,6 +19,7 @@ from safetensors.torch import load_file
 import train
 from data import ShapesDataset, ShapesWorld, collate
 from model import VLM
+from quantize import Int4Linear
 from tokenizer import build_prompt, encode_prompt, load_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -74,6 +75,20 @@ def test_gguf_and_hf_routes_convert_to_the_same_checkpoint(gguf_ckpt, hf_ckpt, s
         tokenizer = load_tokenizer(ckpt)
         for text in texts:
             assert tokenizer.encode(text) == hf_tok.encode(text, add_special_tokens=False), (ckpt.name, text)
+
+
+@pytest.mark.slow
+@torch.no_grad()
+def test_int4_conversion_takes_the_q4_1_blocks_as_stored(gguf_ckpt, smollm2_gguf, siglip_dir, tmp_path):
+    """All 120 of the file's Q4_1 linear layers become Int4Linear layers that dequantize bit for bit to the plain
+    conversion's weights (the gguf package's dequantization): nothing is rounded twice."""
+    out = tmp_path / "int4"
+    convert("--vision", siglip_dir, "--lm", smollm2_gguf, "--out", out, "--quantize", "int4")
+    fp32, int4 = VLM.from_pretrained(gguf_ckpt), VLM.from_pretrained(out)
+    layers = [name for name, m in int4.named_modules() if isinstance(m, Int4Linear)]
+    assert len(layers) == 4 * fp32.cfg.lm.n_layers == 120
+    for name in layers:
+        assert torch.equal(int4.get_submodule(name).dequantize(), fp32.get_submodule(name).weight), name
 
 
 @pytest.mark.slow
