@@ -9,6 +9,8 @@ writes a markdown table and a bar chart to docs/experiments/:
     python experiments.py resolution --budget-minutes 30   # image size / patch size: accuracy and speed
     python experiments.py binding --budget-minutes 60      # levers against the binding plateau (issue #9)
     python experiments.py binding --variants "control: SmolLM2-135M + LoRA" --control-lm SmolLM2.gguf  # a real LM
+    python experiments.py anyres                           # small objects: base view only vs anyres tiles
+    python experiments.py video                            # moving-shapes clips: held-out vs blind (frames zeroed)
     python experiments.py all --smoke                      # seconds: checks the plumbing, figures mean nothing
 
 The budget sets the training length: each run gets budget / runs minutes, as a share of the main job's
@@ -69,6 +71,12 @@ BINDING = {
     "canon k3 + scale x4 + 4 questions": {"lm": {"conv_kernel": 3, "logit_scale": 4.0},
                                           "sets": ["world.questions=4"]},
     "control: SmolLM2-135M + LoRA": {"control": True},  # see CONTROL
+    # "scratch": model --set items; the variant is the whole main job from scratch (both stages, its steps), since
+    # a tower change cannot be inserted into a model pretrained without it. 16 px patches = one token per 3x3 cell.
+    "scratch: main job": {"scratch": []},
+    "scratch: 16 px ViT depth 0": {"scratch": ["vision.patch_size=16", "vision.depth=0"]},
+    "scratch: 16 px conv stem ViT depth 0": {"scratch": ["vision.patch_size=16", "vision.depth=0",
+                                                            "vision.conv_stem=[24,48,96,192]"]},
 }
 
 # The pretrained-LM control: does an LM that already knows retrieval bind? --control-lm (SmolLM2-135M-Instruct)
@@ -86,6 +94,11 @@ CONTROL = {
 CONTROL_STEPS = {"pretrain": 120, "finetune": 160}
 
 
+def main_job_steps() -> dict:
+    """{stage: max steps} of `python train.py`."""
+    return {stage: int(args[args.index("--max-steps") + 1]) for stage, args in train.MAIN_JOB.items()}
+
+
 def stage_steps(budget_minutes: float, runs: int) -> dict:
     """{stage: max steps} for one run: the main job's schedule scaled to budget / runs minutes."""
     scale = budget_minutes / runs / MAIN_JOB_MINUTES
@@ -95,19 +108,25 @@ def stage_steps(budget_minutes: float, runs: int) -> dict:
 
 def run_variant(sets: list[str], out: Path, steps: dict, eval_samples: int) -> dict:
     """Train both stages with the main job's flags (but `steps`) and these --set items; score held-out."""
-    flags = [f"--set={item}" for item in sets] + ["--save-every", "100000", "--keep", "1", "--eval-every", "0"]
     t0 = time.time()
-    ckpt = None
-    for stage in ("pretrain", "finetune"):
-        args = train.MAIN_JOB[stage] + ["--max-steps", str(steps[stage])]  # argparse: the last one wins
-        init = [] if ckpt is None else ["--init", str(ckpt)]
-        ckpt = train.train(train.parse_args(["--stage", stage] + args + init + flags + ["--out", str(out / stage)]))
+    ckpt = train_both(sets, out, steps)
     minutes = (time.time() - t0) / 60
     normal, blind = shapes_scores(ckpt, eval_samples)
     cfg = json.loads((ckpt / "config.json").read_text())
     image_tokens = VLMConfig.from_dict(cfg).num_image_tokens
     return {"heldout": normal["accuracy"], "blind": blind["accuracy"], "image_tokens": image_tokens,
             "train_minutes": minutes, "by_category": {k: c / t for k, (c, t) in normal["by_category"].items()}}
+
+
+def train_both(sets: list[str], out: Path, steps: dict) -> Path:
+    """Both stages from scratch with the main job's flags (but `steps`) and these --set items. -> the finetune."""
+    flags = [f"--set={item}" for item in sets] + ["--save-every", "100000", "--keep", "1", "--eval-every", "0"]
+    ckpt = None
+    for stage in ("pretrain", "finetune"):
+        args = train.MAIN_JOB[stage] + ["--max-steps", str(steps[stage])]  # argparse: the last one wins
+        init = [] if ckpt is None else ["--init", str(ckpt)]
+        ckpt = train.train(train.parse_args(["--stage", stage] + args + init + flags + ["--out", str(out / stage)]))
+    return ckpt
 
 
 def with_levers(pretrain: Path, lm_fields: dict, out: Path) -> Path:
@@ -124,13 +143,17 @@ def with_levers(pretrain: Path, lm_fields: dict, out: Path) -> Path:
 
 
 def binding_sweep(work: Path, steps: dict, eval_samples: int, names: list[str], pretrain: Path | None,
-                  report_only=False, control_lm: Path | None = None, control_steps: dict = CONTROL_STEPS) -> dict:
+                  report_only=False, control_lm: Path | None = None, control_steps: dict = CONTROL_STEPS,
+                  scratch_steps: dict | None = None) -> dict:
     """One caption pretraining (or `pretrain`), then each named BINDING variant's finetune from it, all with the
-    same step count; the control trains its own two stages from `control_lm` (see CONTROL). A variant whose
+    same step count; the control trains its own two stages from `control_lm` (see CONTROL), a "scratch" variant
+    both of the main job's (or `scratch_steps`) from scratch. A variant whose
     result.json holds the same settings is read back, not run again, so two processes can share a sweep
     (--variants) and a last call writes the report (report_only: runs nothing)."""
     flags = ["--save-every", "100000", "--keep", "1", "--eval-every", "0"]
-    if pretrain is None and (report_only or all(BINDING[name].get("control") for name in names)):
+    scratch_steps = scratch_steps or main_job_steps()
+    own = [name for name in names if "control" in BINDING[name] or "scratch" in BINDING[name]]
+    if pretrain is None and (report_only or len(own) == len(names)):
         pretrain = work / "pretrain"
     if pretrain is None:
         pretrain = train.train(train.parse_args(["--stage", "pretrain"] + train.MAIN_JOB["pretrain"] + flags + [
@@ -143,6 +166,8 @@ def binding_sweep(work: Path, steps: dict, eval_samples: int, names: list[str], 
         run = work / name.replace(" ", "_").replace(",", "").replace("+", "").replace("/", "_").replace(":", "")
         done = run / "result.json"
         wanted = control if variant.get("control") else settings
+        if "scratch" in variant:
+            wanted = {"scratch": variant["scratch"], "steps": scratch_steps, "eval_samples": eval_samples}
         if done.is_file() and json.loads(done.read_text())["settings"] == wanted:
             rows[name] = json.loads(done.read_text())["row"]
             continue
@@ -155,6 +180,8 @@ def binding_sweep(work: Path, steps: dict, eval_samples: int, names: list[str], 
         t0, cpu0 = time.time(), time.process_time()
         if variant.get("control"):
             ckpt = train_control(control_lm, run, control_steps, flags)
+        elif "scratch" in variant:
+            ckpt = train_both(variant["scratch"], run, scratch_steps)
         else:
             init = with_levers(pretrain, variant.get("lm", {}), run / "init")
             args = (train.MAIN_JOB["finetune"] + ["--max-steps", str(steps["finetune"])] + variant.get("flags", [])
@@ -163,6 +190,9 @@ def binding_sweep(work: Path, steps: dict, eval_samples: int, names: list[str], 
                                                  str(run / "ft")] + args))
         rows[name] = {"train_minutes": (time.time() - t0) / 60, "cpu_minutes": (time.process_time() - cpu0) / 60,
                       "load": os.getloadavg()[2]} | binding_scores(ckpt, eval_samples)
+        if "scratch" in variant:
+            rows[name]["scratch"] = (f"{scratch_steps['pretrain']} caption + {scratch_steps['finetune']} question "
+                                     f"steps from scratch" + "".join(f", --set {item}" for item in variant["scratch"]))
         if variant.get("control"):
             rows[name]["budget"] = (f"{control_steps['pretrain']} caption + {control_steps['finetune']} question "
                                     f"steps of batch 16, from {Path(control_lm).name}")
@@ -212,6 +242,8 @@ def write_results(sweep: str, rows: dict, steps: dict, eval_samples: int, comman
     lines += [f"\n{name}: its own {row['budget']} (see experiments.CONTROL): {row['cpu_minutes']:.0f} CPU-minutes of "
               f"training, conversion included ({row['train_minutes']:.0f} min wall, 15-min load average "
               f"{row['load']:.1f} on the 2 cores)." for name, row in rows.items() if "budget" in row]
+    lines += [f"\n{name}: the main job itself, {row['scratch']} ({row['train_minutes']:.0f} min wall, 15-min load "
+              f"average {row['load']:.1f} on the 2 cores)." for name, row in rows.items() if "scratch" in row]
     (out / f"{sweep}.md").write_text("\n".join(lines) + "\n")
     (out / f"{sweep}.json").write_text(json.dumps(rows, indent=1) + "\n")
     bar_chart(rows, f"{sweep}: held-out vs blind accuracy", out / f"{sweep}.png")
@@ -220,11 +252,73 @@ def write_results(sweep: str, rows: dict, steps: dict, eval_samples: int, comman
                   out / f"{sweep}_categories.png", [(c, c) for c in categories])
 
 
+# High resolution and video (issue #14): each variant finetunes the tiny model from scratch on questions only (no
+# caption stage: these one-object tasks need none), MEDIA_STEPS steps of batch 16 with a 2-layer LM. "anyres" draws
+# 64 px scenes whose objects shrink to a few pixels once squashed to the 32 px tower; tiles see them at full size.
+MEDIA_STEPS = 800
+MEDIA_FLAGS = ["--init", "tiny", "--batch-size", "16", "--lr", "1e-3", "--warmup-ratio", "0.05", "--save-every",
+               "100000", "--keep", "1", "--eval-every", "0", "--set=lm.n_layers=2"]
+SMALL_OBJECTS = ["vision.image_size=32", "world.image_size=64", "world.grid=2", "world.max_objects=1",
+                 "world.object_scale=0.3", 'world.categories=["shape","color","exists"]']
+MEDIA = {
+    "anyres": {
+        "base view only (64 px squashed to 32)": SMALL_OBJECTS,
+        "anyres: base view + 2x2 tiles": SMALL_OBJECTS + ["grid_pinpoints=[[64,64]]"],
+    },
+    "video": {  # 2 objects drifting over 4 frames; "Which way is the red circle moving?", "Which object appears last?"
+        "4-frame clips (48 px, 3x3 pooled tokens per frame)": ["world.frames=4", "world.grid=2",
+                                                               "world.max_objects=2"],
+    },
+}
+
+
+def media_sweep(sweep: str, work: Path, steps: int, eval_samples: int) -> dict:
+    """Each MEDIA[sweep] variant finetuned from scratch for `steps` steps, then scored held-out and blind."""
+    rows = {}
+    for name, sets in MEDIA[sweep].items():
+        run = work / "".join(c if c.isalnum() else "_" for c in name)
+        shutil.rmtree(run, ignore_errors=True)
+        print(f"== {sweep}: {name} ({' '.join(sets)})", flush=True)
+        t0, cpu0 = time.time(), time.process_time()
+        ckpt = train.train(train.parse_args(["--stage", "finetune", "--max-steps", str(steps), "--out", str(run)]
+                                            + MEDIA_FLAGS + [f"--set={item}" for item in sets]))
+        minutes = (time.time() - t0) / 60
+        scores = binding_scores(ckpt, eval_samples)
+        cfg, world = VLMConfig.from_dict(json.loads((ckpt / "config.json").read_text())), train.parse_sets(sets)[1]
+        size = world.get("image_size", cfg.vision.image_size)
+        tokens = cfg.video_tokens(world["frames"]) if world.get("frames") else cfg.image_tokens((size, size))
+        rows[name] = scores | {"image_tokens": tokens, "train_minutes": minutes, "load": os.getloadavg()[2],
+                               "cpu_minutes": (time.process_time() - cpu0) / 60}  # training and scoring
+        print(f"== {name}: held-out {rows[name]['heldout']:.3f}, blind {rows[name]['blind']:.3f}", flush=True)
+    return rows
+
+
+def write_media_results(sweep: str, rows: dict, steps: int, eval_samples: int, command: str, out: Path):
+    categories = sorted({c for row in rows.values() for c in row["by_category"]})
+    cpu = sum(row["cpu_minutes"] for row in rows.values())
+    lines = [f"# {sweep}", "", f"Reproduce: `{command}`", "",
+             f"Machine: {os.cpu_count()} CPU cores ({platform.machine()}), {torch.get_num_threads()} torch threads, "
+             f"torch {torch.__version__}. Each run: the tiny model (2 LM layers) from scratch, {steps} question steps "
+             f"of batch 16, no caption stage, then {eval_samples} held-out questions; blind = pixels (frames) "
+             f"replaced by zeros. Budget: {cpu:.1f} CPU-minutes of training and scoring for the sweep (15-min load "
+             f"average {max(row['load'] for row in rows.values()):.1f}: the machine was shared).",
+             "", f"![{sweep}]({sweep}.png)", "",
+             "| variant | tokens per image/clip | held-out | blind | " + " | ".join(categories) + " | CPU min |",
+             "|---|---:|---:|---:|" + "---:|" * len(categories) + "---:|"]
+    for name, row in rows.items():
+        per = " | ".join(f"{row['by_category'].get(c, 0):.2f}" for c in categories)
+        lines.append(f"| {name} | {row['image_tokens']} | {row['heldout']:.3f} | {row['blind']:.3f} | {per} | "
+                     f"{row['cpu_minutes']:.1f} |")
+    (out / f"{sweep}.md").write_text("\n".join(lines) + "\n")
+    (out / f"{sweep}.json").write_text(json.dumps(rows, indent=1) + "\n")
+    bar_chart(rows, f"{sweep}: held-out vs blind accuracy", out / f"{sweep}.png")
+
+
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("sweep", choices=list(SWEEPS) + ["binding", "all"], help="which comparison to run")
+    p.add_argument("sweep", choices=list(SWEEPS) + ["binding", *MEDIA, "all"], help="which comparison to run")
     p.add_argument("--budget-minutes", type=float, default=30.0, help="training time of the whole sweep")
     p.add_argument("--eval-samples", type=int, default=500, help="held-out questions per run")
     p.add_argument("--pretrain-steps", type=int, help="caption steps per run (default: from the budget; binding: "
@@ -247,6 +341,13 @@ def main(argv=None):
     out = args.out or Path("out/experiments_smoke" if args.smoke else "docs/experiments")
     out.mkdir(parents=True, exist_ok=True)
     command = "python experiments.py " + " ".join(argv)
+    if args.sweep in MEDIA:  # finetune-only runs of their own (see MEDIA)
+        steps = 2 if args.smoke else args.finetune_steps or MEDIA_STEPS
+        eval_samples = 8 if args.smoke else args.eval_samples
+        rows = media_sweep(args.sweep, args.work / args.sweep, steps, eval_samples)
+        write_media_results(args.sweep, rows, steps, eval_samples, command, out)
+        print(f"{args.sweep}: wrote {out / args.sweep}.md and .png")
+        return
     for sweep in list(SWEEPS) + ["binding"] if args.sweep == "all" else [args.sweep]:
         variants = BINDING if sweep == "binding" else SWEEPS[sweep]
         steps = stage_steps(args.budget_minutes, len(variants))
@@ -260,8 +361,9 @@ def main(argv=None):
             unknown = [n for n in names if n not in BINDING]
             if unknown:
                 raise SystemExit(f"error: --variants: unknown {unknown[0]!r}; choose from {', '.join(BINDING)}")
+            smoke = {"pretrain": 2, "finetune": 2} if args.smoke else None
             rows = binding_sweep(args.work / sweep, steps, eval_samples, names, args.pretrain, args.report,
-                                 args.control_lm, {"pretrain": 2, "finetune": 2} if args.smoke else CONTROL_STEPS)
+                                 args.control_lm, smoke or CONTROL_STEPS, smoke)
             if not args.variants:  # a partial sweep leaves its results in --work for the full call to report
                 pretrain = args.pretrain or args.work / sweep / "pretrain"  # one, shared: say how long it trained
                 steps["pretrain"] = json.loads((pretrain / "training.json").read_text())["steps"]

@@ -48,6 +48,19 @@ def test_binding_sweep_splits_across_calls_reuses_results_and_reports(tmp_path):
     assert "binding errors/wrong" in (tmp_path / "docs" / "binding.md").read_text()
 
 
+def test_binding_scratch_variant_trains_its_own_tower_through_both_stages(tmp_path):
+    """A tower change cannot be inserted into a pretrained model: a scratch variant runs both stages itself."""
+    name = "scratch: 16 px conv stem ViT depth 0"
+    experiments.main(["binding", "--smoke", "--variants", name, "--out", str(tmp_path / "docs"),
+                      "--work", str(tmp_path / "runs")])
+    run = tmp_path / "runs" / "binding" / "scratch_16_px_conv_stem_ViT_depth_0"
+    assert json.loads((run / "pretrain" / "config.json").read_text())["vision"]["conv_stem"] == [24, 48, 96, 192]
+    assert not (tmp_path / "runs" / "binding" / "pretrain").exists()  # no shared pretraining was needed
+    row = json.loads((run / "result.json").read_text())["row"]
+    assert row["image_tokens"] == 9 and 0 <= row["binding_errors"] <= row["wrong"] <= 8
+    assert row["scratch"].startswith("2 caption + 2 question steps from scratch, --set vision.patch_size=16")
+
+
 @pytest.mark.slow
 def test_binding_control_trains_a_fresh_tower_before_the_frozen_real_lm(smollm2_gguf, tmp_path):
     """The control converts SmolLM2 with a from-scratch tiny tower, trains the tower and projector on captions with
