@@ -6,6 +6,7 @@ ShapesWorld draws coloured shapes procedurally, so the project trains offline wi
 """
 
 import argparse
+import dataclasses
 import json
 import math
 import random
@@ -124,18 +125,14 @@ def encode_sample(record: dict, images: list, tokenizer, cfg, template: str, max
     each is then grown to cfg.image_tokens(its size), a video's to cfg.video_tokens(its frames) video
     placeholders; max_len is lowered by the growth, so the cut falls where it would in the grown sequence.
     """
-    media = record.get("media") or ["image"] * len(images) + ["video"] * len(videos)
     sizes, tiled = [(im.height, im.width) for im in images], cfg.tiles(len(images))
-    per_image = iter([cfg.image_tokens(size, tiled) for size in sizes])
-    per_video = iter([cfg.video_tokens(len(clip)) for clip in videos])
-    counts = [next(per_image) if m == "image" else next(per_video) for m in media]
+    counts, fills = media_tokens(cfg, record.get("media"), images, videos)
     if max_len is not None:
         max_len -= sum(counts) - len(counts)
         if max_len < 1:
             raise TooLong(f"the images and videos take {sum(counts)} tokens, more than max_len")
     input_ids, labels = encode_conversation(tokenizer, record["conversations"], template, cfg.image_token_id, 1,
                                             max_len)
-    fills = [cfg.image_token_id if m == "image" else cfg.video_token_id for m in media]
     input_ids, labels = expand_images(input_ids, labels, counts, cfg.image_token_id, fills)
     return {"id": record["id"], "input_ids": torch.tensor(input_ids), "labels": torch.tensor(labels),
             "pixel_values": images_to_pixels(images, cfg, image_mode, tiled),  # (T,), (T,), (views, 3, S, S) or None
@@ -143,6 +140,17 @@ def encode_sample(record: dict, images: list, tokenizer, cfg, template: str, max
             "image_tiled": torch.full((len(images),), tiled) if images else None,  # (n_images,) bool
             "videos": torch.stack([preprocess_video(clip, cfg.vision) for clip in videos]) if videos else None}
     # videos: (V, F, 3, S, S)
+
+
+def media_tokens(cfg, media: list[str] | None, images: list, videos: list) -> tuple[list[int], list[int]]:
+    """(placeholder count, placeholder id) for each tag in text order: media lists the tags' kinds ("image",
+    "video"; None: the images, then the videos), images are PIL images, videos lists of frames."""
+    media = media or ["image"] * len(images) + ["video"] * len(videos)
+    tiled = cfg.tiles(len(images))
+    per_image = iter([cfg.image_tokens((im.height, im.width), tiled) for im in images])
+    per_video = iter([cfg.video_tokens(len(clip)) for clip in videos])
+    counts = [next(per_image) if m == "image" else next(per_video) for m in media]
+    return counts, [cfg.image_token_id if m == "image" else cfg.video_token_id for m in media]
 
 
 def images_to_pixels(images: list, cfg, image_mode="pad", tiled=True) -> torch.Tensor | None:
@@ -476,6 +484,7 @@ POSITIONS = {  # cell names, row by row; the answer to "where is ...?"
 }
 PHRASES = {"left": "on the left", "right": "on the right", "center": "in the center"}  # the rest: "at the ..."
 CATEGORIES = ("color", "shape", "count", "position", "exists")
+MOVES = {"left": (-1, 0), "right": (1, 0), "up": (0, -1), "down": (0, 1)}  # ShapesWorld clips: (dx, dy) per step
 BACKGROUND = (60, 60, 68)
 
 
@@ -510,6 +519,8 @@ class ShapesWorld:
     train_size: int = 0  # 0: an unlimited train stream; N: train scenes 0..N-1 repeat (a finite dataset)
     categories: tuple[str, ...] = CATEGORIES  # the question types to ask
     questions: int = 1  # question turns per train conversation; the test split asks one, so scores stay single-turn
+    object_scale: float = 1.0  # < 1 shrinks every object: drawn large, too small to read once squashed (anyres)
+    frames: int = 0  # > 0: each scene is a clip of this many frames, asked "which way ... moving?"/"... appears last?"
 
     def __post_init__(self):
         self.colors, self.shapes, self.categories = tuple(self.colors), tuple(self.shapes), tuple(self.categories)
@@ -521,6 +532,10 @@ class ShapesWorld:
         if set(self.categories) <= {"color", "shape"}:
             raise ValueError(f"categories {self.categories} need count, position or exists too: a scene whose "
                              "shapes and colours all repeat allows no colour or shape question")
+        if self.frames < 0 or self.frames == 1:
+            raise ValueError(f"frames must be 0 (still images) or at least 2 (clips), got {self.frames}")
+        if not 0 < self.object_scale <= 1:
+            raise ValueError(f"object_scale must be in (0, 1], got {self.object_scale}")
         if self.questions < 1 or self.train_size < 0:
             raise ValueError(f"questions must be at least 1 and train_size at least 0, got {self.questions} and "
                              f"{self.train_size}")
@@ -547,7 +562,7 @@ class ShapesWorld:
         objects = []
         for (color, shape), c in zip(pairs, cells, strict=True):
             size = rng.choice(tuple(SIZES))
-            r = SIZES[size] * cell
+            r = SIZES[size] * cell * self.object_scale
             slack = (cell / 2 - r) * self.jitter
             row, col = divmod(c, self.grid)
             x, y = (col + 0.5) * cell + rng.uniform(-slack, slack), (row + 0.5) * cell + rng.uniform(-slack, slack)
@@ -627,15 +642,47 @@ class ShapesWorld:
         return conversations, turns[-1][2]
 
     def record(self, index: int, task="qa", split="train") -> dict:
-        """A LLaVA record with the image in memory: {"id", "image": PIL.Image, "conversations", "category"}."""
+        """A LLaVA record with the image in memory: {"id", "image": PIL.Image, "conversations", "category"}; with
+        frames > 0, {"id", "video": [PIL.Image] * frames, "conversations", "category"} (see clip)."""
+        if self.frames:
+            if task != "qa":
+                raise ValueError(f"ShapesWorld clips (frames={self.frames}) have questions only, no {task} task")
+            return self.clip(index, split)
         objects = self.scene(index, split)
         conversations, category = self.conversation(objects, index, task, split)
         image = self.render(objects, index, split)
         return {"id": f"shapes-{split}-{index:06d}", "image": image, "conversations": conversations,
                 "category": category}
 
+    def clip(self, index: int, split="train", render=True) -> dict:
+        """Scene `index` as a moving-shapes clip: each object drifts half a cell in its own direction over the
+        frames, and one object, the last to appear, enters at a random later frame. One question, either the
+        drift of an object named by colour and shape, or which object appears last (category "motion"/"last")."""
+        rng, F = self.rng(split, index, "motion"), self.frames
+        objects, step = self.scene(index, split), self.image_size / self.grid / 2 / max(F - 1, 1)
+        moves = [rng.choice(tuple(MOVES)) for _ in objects]
+        late, enters = rng.randrange(len(objects)), rng.randint(1, F - 1) if F > 1 else 0
+        video = []
+        for t in range(F if render else 0):
+            shift = t - (F - 1) / 2  # centred on the object's cell
+            shown = [dataclasses.replace(o, x=o.x + MOVES[m][0] * step * shift, y=o.y + MOVES[m][1] * step * shift)
+                     for k, (o, m) in enumerate(zip(objects, moves, strict=True)) if k != late or t >= enters]
+            video.append(self.render(shown, index, split))
+        if len(objects) > 1 and rng.random() < 0.5:
+            o = objects[late]
+            question, answer, category = "Which object appears last?", f"{o.color} {o.shape}", "last"
+        else:
+            k = rng.randrange(len(objects))
+            question, answer, category = f"Which way is the {objects[k].color} {objects[k].shape} moving?", \
+                moves[k], "motion"
+        conversations = [{"from": "human", "value": f"{IMAGE}\n{question}"}, {"from": "gpt", "value": answer}]
+        return {"id": f"shapes-{split}-{index:06d}", "video": video, "conversations": conversations,
+                "category": category}
+
     def texts(self, n: int) -> list[str]:
         """Tokenizer-training text: the caption and the question of the first n train scenes, as prompts."""
+        if self.frames:
+            return [corpus_text(self.clip(i, render=False)["conversations"]) for i in range(n)]
         scenes = [self.scene(i) for i in range(n)]
         return [corpus_text(self.conversation(scenes[i], i, task)[0]) for i in range(n) for task in ("caption", "qa")]
 
@@ -681,8 +728,9 @@ class ShapesDataset(Dataset):
 
     def __getitem__(self, i) -> dict:
         record = self.world.record(i, self.task, self.split)
-        return encode_sample(record, [record["image"]], self.tokenizer, self.cfg, self.template, self.max_len,
-                             self.image_mode)
+        images, videos = ([record["image"]], []) if "image" in record else ([], [record["video"]])
+        return encode_sample(record, images, self.tokenizer, self.cfg, self.template, self.max_len, self.image_mode,
+                             videos)
 
 
 # ----------------------------------------------------------------------------- export

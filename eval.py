@@ -21,6 +21,8 @@ from data import (
     expand_images,
     images_to_pixels,
     load_image,
+    media_tokens,
+    preprocess_video,
     read_records,
     skip_report,
 )
@@ -66,7 +68,8 @@ def shapes_records(n: int, world: ShapesWorld) -> list[dict]:
         answer, field = record["conversations"][-1]["value"], record["category"]
         scene = world.scene(i, "test") if field in BINDING else []
         others = sorted({getattr(o, field) for o in scene} - {answer})
-        records.append(record | {"images": [record.pop("image")], "others": others})
+        images, videos = ([record.pop("image")], []) if "image" in record else ([], [record.pop("video")])
+        records.append(record | {"images": images, "videos": videos, "others": others})
     return records
 
 
@@ -135,11 +138,10 @@ def evaluate_qa(model: VLM, tokenizer: Tokenizer, records: list[dict], batch_siz
         template = template or cfg.template
         prompts = [question_prompt(r["conversations"], template, prompt_suffix, tokenizer) for r in batch]
         ids = []
-        for record, (prompt, _, _) in zip(batch, prompts, strict=True):  # each <image> grows to its own count
+        for record, (prompt, _, _) in zip(batch, prompts, strict=True):  # each tag grows to its own count
             one_each = encode_prompt(tokenizer, prompt, template, cfg.image_token_id, 1)
-            tiled = cfg.tiles(len(record["images"]))  # OneVision tiles only a lone image
-            counts = [cfg.image_tokens((im.height, im.width), tiled) for im in record["images"]]
-            ids.append(expand_images(one_each, one_each, counts, cfg.image_token_id)[0])  # ids as their own labels
+            counts, fills = media_tokens(cfg, record.get("media"), record["images"], record.get("videos", []))
+            ids.append(expand_images(one_each, one_each, counts, cfg.image_token_id, fills)[0])  # ids as labels
         T = max(map(len, ids))
         input_ids = torch.full((len(ids), T), tokenizer.pad_id, dtype=torch.long)
         attention_mask = torch.zeros((len(ids), T), dtype=torch.bool)
@@ -151,8 +153,12 @@ def evaluate_qa(model: VLM, tokenizer: Tokenizer, records: list[dict], batch_siz
         pixel_values = torch.cat([p for p in pixel_values if p is not None]) if images else None  # (views, 3, S, S)
         sizes = torch.tensor([(im.height, im.width) for im in images]) if images else None  # (N, 2)
         tiled = torch.tensor([cfg.tiles(len(r["images"])) for r in batch for _ in r["images"]]) if images else None
+        clips = [preprocess_video(clip, cfg.vision) for r in batch for clip in r.get("videos", [])]  # lists of frames
+        videos = torch.stack(clips) if clips else None  # (V, F, 3, S, S)
         if blind and pixel_values is not None:
             pixel_values = torch.zeros_like(pixel_values)
+        if blind and videos is not None:
+            videos = torch.zeros_like(videos)
         if pixel_values is not None:
             pixel_values = pixel_values.to(device)
         state = None
@@ -161,7 +167,8 @@ def evaluate_qa(model: VLM, tokenizer: Tokenizer, records: list[dict], batch_siz
             state.reset()
         new_tokens = model.generate(input_ids.to(device), pixel_values, max_new_tokens=max_new_tokens,
                                     eos_id=tokenizer.stop_ids, attention_mask=attention_mask.to(device), state=state,
-                                    image_sizes=sizes, image_tiled=tiled)
+                                    image_sizes=sizes, image_tiled=tiled,
+                                    videos=videos.to(device) if videos is not None else None)
         for record, (_, question, reference), tokens in zip(batch, prompts, new_tokens.tolist(), strict=True):
             answer = tokenizer.decode(tokenizer.until_stop(tokens)).strip()
             prediction = {"id": record["id"], "category": record.get("category", "all"), "question": question,

@@ -118,8 +118,11 @@ def stage_texts(args, n_shapes=2000) -> list[str]:
 
 
 def shapes_world(args, image_size=None) -> ShapesWorld:
+    """ShapesWorld drawn at image_size (the tower's), unless --set world.image_size asks for its own size: larger
+    scenes are then tiled by an anyres model, squashed by a plain one (experiments.py anyres)."""
+    own = "image_size" in args.world_sets
     try:
-        return ShapesWorld(**(world_settings(args) | ({"image_size": image_size} if image_size else {})))
+        return ShapesWorld(**(world_settings(args) | ({"image_size": image_size} if image_size and not own else {})))
     except ValueError as err:  # a bad --set world.KEY
         raise SystemExit(f"error: ShapesWorld: {err}") from None
 
@@ -185,6 +188,8 @@ def init_model(args, out: Path, d: Dist) -> tuple[VLM, Path, dict]:
         barrier(d)
         vocab = load_tokenizer(tokenizer_path).vocab_size
         cfg = configure(tiny_config(vocab) if args.init == "tiny" else preset(args.init), args.model_sets)
+        if not args.data and world_settings(args).get("frames"):  # ShapesWorld clips: the model takes video
+            cfg = with_video(cfg)
         torch.manual_seed(args.seed)  # the initial weights are a function of the seed: resume rebuilds them
         model = VLM(cfg)
         return model, tokenizer_path, {"init": args.init, "from_scratch": True}
@@ -199,6 +204,14 @@ def init_model(args, out: Path, d: Dist) -> tuple[VLM, Path, dict]:
                          "model fields can only be set with a preset --init")
     info = json.loads((init / "training.json").read_text()) if (init / "training.json").is_file() else {}
     return model, init, {"init": str(init.resolve()), "from_scratch": info.get("from_scratch", False)}
+
+
+def with_video(cfg: VLMConfig) -> VLMConfig:
+    """cfg with OneVision's video placeholder in a new last row of the vocabulary. The video path lives in the
+    anyres code, so anyres is switched on with a one-tile canvas if it was off."""
+    lm = dataclasses.replace(cfg.lm, vocab_size=cfg.lm.vocab_size + 1)
+    pinpoints = cfg.grid_pinpoints or [[cfg.vision.image_size, cfg.vision.image_size]]
+    return dataclasses.replace(cfg, lm=lm, video_token_id=cfg.lm.vocab_size, grid_pinpoints=pinpoints)
 
 
 def choose_trainable(args, from_scratch: bool) -> list[str]:

@@ -562,3 +562,82 @@ def test_sample_encode_needs_sizes_only_with_anyres(scratch, tok):
     plain = VLM(dataclasses.replace(scratch.cfg, grid_pinpoints=[], video_token_id=None))
     ids = sample.encode(tok, plain, text, plain.cfg.template)  # as the tutorial calls it
     assert ids.count(plain.cfg.image_token_id) == plain.cfg.num_image_tokens == 16
+
+
+# ----------------------------------------------------------------------------- ShapesWorld learns it
+
+
+def centre(image: Image.Image, color: str):
+    """(x, y) mean position of the pixels within 30 levels of a palette colour, or None when there are none."""
+    from data import PALETTE
+
+    pixels = np.asarray(image, dtype=np.int16)
+    ys, xs = np.nonzero((np.abs(pixels - PALETTE[color]) < 30).all(-1))
+    return (xs.mean(), ys.mean()) if len(xs) else None
+
+
+def test_shapes_clips_move_each_object_its_way_and_the_last_one_enters_late():
+    world = ShapesWorld(image_size=64, grid=2, max_objects=2, frames=4, texture=0)
+    asked, measured = set(), 0
+    for i in range(40):
+        record, objects = world.record(i, split="test"), world.scene(i, "test")
+        assert len(record["video"]) == 4 and record == world.record(i, split="test") | {"video": record["video"]}
+        question, answer = record["conversations"][0]["value"], record["conversations"][1]["value"]
+        asked.add(record["category"])
+        if record["category"] == "motion":
+            o = next(o for o in objects if f"the {o.color} {o.shape} moving" in question)
+            if [p.color for p in objects].count(o.color) > 1 or centre(record["video"][-2], o.color) is None:
+                continue  # a shared colour (or an object that enters last) hides its own drift
+            (x0, y0), (x1, y1) = centre(record["video"][-2], o.color), centre(record["video"][-1], o.color)
+            measured += 1
+            dx, dy = {"left": (-1, 0), "right": (1, 0), "up": (0, -1), "down": (0, 1)}[answer]
+            assert (x1 - x0) * dx + (y1 - y0) * dy > 2 and abs((x1 - x0) * dy) + abs((y1 - y0) * dx) < 0.5
+        else:
+            color, shape = answer.split()
+            assert question == "<image>\nWhich object appears last?" and any(
+                (o.color, o.shape) == (color, shape) for o in objects)
+            if [o.color for o in objects].count(color) == 1:
+                assert centre(record["video"][0], color) is None and centre(record["video"][-1], color) is not None
+    assert asked == {"motion", "last"} and measured >= 10
+    with pytest.raises(ValueError, match="questions only"):
+        world.record(0, task="caption")
+
+
+def test_small_objects_shrink_with_object_scale():
+    big, small = ShapesWorld(image_size=64, grid=2), ShapesWorld(image_size=64, grid=2, object_scale=0.3)
+    assert [o.r * 0.3 for o in big.scene(3)] == pytest.approx([o.r for o in small.scene(3)])
+    with pytest.raises(ValueError, match="object_scale"):
+        ShapesWorld(object_scale=0)
+
+
+@torch.no_grad()
+def test_eval_scores_clips_and_blinds_their_frames(tok, scratch):
+    import eval as evaluate
+
+    world = ShapesWorld(image_size=40, grid=2, max_objects=2, frames=3)
+    records = evaluate.shapes_records(3, world)
+    assert all(not r["images"] and len(r["videos"]) == 1 for r in records)
+    batched = evaluate.evaluate_qa(scratch, tok, records, batch_size=3, max_new_tokens=6)["predictions"]
+    blind = evaluate.evaluate_qa(scratch, tok, records, batch_size=3, max_new_tokens=6, blind=True)["predictions"]
+    cfg = scratch.cfg
+    for k, record in enumerate(records):
+        prompt = evaluate.question_prompt(record["conversations"], cfg.template, None, tok)[0]
+        ids = tokenize_prompt(tok, prompt, cfg.video_token_id, cfg.video_tokens(3))
+        frames = preprocess_video(record["videos"][0], cfg.vision)[None]
+        want = [reference_answer(scratch, tok, ids, videos=v).strip() for v in (frames, torch.zeros_like(frames))]
+        assert [batched[k]["prediction"], blind[k]["prediction"]] == want
+
+
+@pytest.mark.parametrize("sweep", ["anyres", "video"])
+def test_experiments_media_sweeps_run_end_to_end(sweep, tmp_path, monkeypatch):
+    import experiments
+
+    monkeypatch.chdir(tmp_path)  # train.py writes nothing outside --out, but keep the checkout clean anyway
+    experiments.main([sweep, "--smoke", "--out", str(tmp_path / "docs"), "--work", str(tmp_path / "work")])
+    rows = json.loads((tmp_path / "docs" / f"{sweep}.json").read_text())
+    assert list(rows) == list(experiments.MEDIA[sweep]) and (tmp_path / "docs" / f"{sweep}.png").is_file()
+    cfg = VLMConfig.from_dict(json.loads(next((tmp_path / "work" / sweep).glob("*/config.json")).read_text()))
+    if sweep == "video":
+        assert cfg.video_token_id == cfg.lm.vocab_size - 1 and rows[next(iter(rows))]["image_tokens"] == 4 * 9 + 1
+    else:
+        assert [row["image_tokens"] for row in rows.values()] == [16, 16 + 8 * 9]
