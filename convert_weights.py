@@ -761,6 +761,8 @@ def to_hf(ckpt: Path, out: Path) -> str:
                          f"{lm.conv_kernel}, qk_norm={lm.qk_norm}, logit_scale={lm.logit_scale}")
     if v.conv_stem:  # transformers' towers embed patches with one linear projection
         raise ValueError(f"transformers' CLIP and SigLIP have no conv stem; this tower has conv_stem={v.conv_stem}")
+    if v.depth == 0:  # the patch embedding alone: transformers' LLaVA then finds no hidden state to read
+        raise ValueError("transformers' LLaVA reads a vision hidden state that a tower with depth 0 does not give")
     siglip = not v.class_token
     act = {ours: theirs for theirs, ours in HF_ACT.items()}[v.act]
     vision_config = dict(model_type="siglip_vision_model" if siglip else "clip_vision_model", hidden_size=v.width,

@@ -224,3 +224,6 @@ def test_to_hf_refuses_what_transformers_llava_cannot_hold(tmp_path):
     VLM(dataclasses.replace(canon, vision=stem)).save_pretrained(tmp_path / "stem")
     with pytest.raises(SystemExit, match=r"no conv stem; this tower has conv_stem=\(8, 16, 16, 32\)"):
         convert("--to-hf", tmp_path / "stem", "--out", tmp_path / "hf")
+    VLM(dataclasses.replace(canon, vision=dataclasses.replace(canon.vision, depth=0))).save_pretrained(tmp_path / "d0")
+    with pytest.raises(SystemExit, match="a tower with depth 0 does not give"):
+        convert("--to-hf", tmp_path / "d0", "--out", tmp_path / "hf")
