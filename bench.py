@@ -5,6 +5,7 @@ step by step, on identical random weights (ours exported with convert_weights.to
 
     python bench.py --config small --what all --compare-hf
     python bench.py --config tinyllava-1.1b --what train --device cuda --batch-size 16 --text-tokens 200
+    python bench.py --what anyres --threads 2    # tokens and prefill per image size, 16-frame video vs transformers
 
 MFU (CUDA only) = model FLOPs per step / step time / the GPU's peak bf16 FLOP/s, where model FLOPs count
 6 N_trained + 2 N_frozen per token through each part (ViT per patch, projector per image token, LM per token)
@@ -13,6 +14,7 @@ plus attention, 12 L T d per LM token for a trained LM (forward + backward) and 
 
 import argparse
 import copy
+import dataclasses
 import json
 import statistics
 import subprocess
@@ -400,6 +402,89 @@ def bench_tokenize(args, report):
         f", {args.checkpoint}" if args.checkpoint else "")
 
 
+ANYRES_SIZES = [(112, 112), (336, 448), (768, 1024)]  # (h, w): one tile's worth, a photo, a large photo
+VIDEO_FRAMES = 16
+
+
+@torch.inference_mode()
+def bench_anyres(args, device, report):
+    """Image tokens and prefill (one forward over image + --text-tokens) at base resolution vs anyres, on the small
+    preset with LLaVA-NeXT's pinpoints scaled to its 112 px tower (the same weights: anyres adds the newline);
+    then a VIDEO_FRAMES-frame video through the OneVision path, ours vs transformers on the same random weights.
+    Each pair runs interleaved, so load from other processes hits both alike."""
+    from PIL import Image
+
+    from data import images_to_pixels
+
+    cfg = preset("small")
+    S = cfg.vision.image_size
+    pinpoints = [[S, 2 * S], [2 * S, S], [2 * S, 2 * S], [3 * S, S], [S, 3 * S]]
+    torch.manual_seed(0)
+    base = VLM(cfg).to(device).eval()
+    tiled = VLM(dataclasses.replace(cfg, grid_pinpoints=pinpoints)).to(device).eval()
+    tiled.load_checked(base.state_dict() | {"image_newline": tiled.image_newline.detach()})
+    text = torch.randint(3, cfg.image_token_id, (1, args.text_tokens), generator=torch.Generator().manual_seed(0))
+    report["anyres"] = {}
+    for h, w in ANYRES_SIZES:
+        image, runs = Image.new("RGB", (w, h), (120, 60, 30)), {}
+        for name, model in (("base", base), ("anyres", tiled)):
+            n = model.cfg.image_tokens((h, w))
+            ids = torch.cat([torch.ones(1, 1, dtype=torch.long), torch.full((1, n), cfg.image_token_id), text], 1)
+            px = images_to_pixels([image], model.cfg, "pad").to(device)
+            runs[name] = (n, len(px), partial(model, ids.to(device), px, image_sizes=torch.tensor([[h, w]])))
+        times = interleave({name: run[2] for name, run in runs.items()}, args.repeats, args.warmup, device)
+        t = {name: statistics.median(v) for name, v in times.items()}
+        report["anyres"][f"{w} x {h}"] = {"base_tokens": runs["base"][0], "anyres_tokens": runs["anyres"][0],
+                                          "anyres_views": runs["anyres"][1], "base_s": t["base"],
+                                          "anyres_s": t["anyres"]}
+    report["video"] = bench_video(args, device, S)
+
+
+def bench_video(args, device, S: int) -> dict:
+    """Encoding a VIDEO_FRAMES-frame video (SigLIP at the small preset's size, 2x2 pooling, newline): s/video,
+    ours against transformers' LlavaOnevision get_video_features on the same weights, and their max rel err."""
+    import transformers  # only the benchmark's peer, never a runtime dependency
+
+    import convert_weights
+
+    vision = transformers.SiglipVisionConfig(hidden_size=256, intermediate_size=1024, num_hidden_layers=5,
+                                             num_attention_heads=4, image_size=S, patch_size=14)
+    text = transformers.Qwen2Config(vocab_size=1000, hidden_size=256, intermediate_size=688, num_hidden_layers=4,
+                                    num_attention_heads=4, num_key_value_heads=2)
+    hf_cfg = transformers.LlavaOnevisionConfig(vision_config=vision, text_config=text, image_token_index=999,
+                                               video_token_index=998, image_grid_pinpoints=[[S, S], [S, 2 * S]],
+                                               vision_feature_layer=-1, vision_feature_select_strategy="full")
+    torch.manual_seed(0)
+    hf = transformers.LlavaOnevisionForConditionalGeneration(hf_cfg).eval()
+    with tempfile.TemporaryDirectory() as tmp:
+        hf.save_pretrained(Path(tmp) / "hf")
+        convert_weights.main(["--llava", str(Path(tmp) / "hf"), "--out", str(Path(tmp) / "ours")])
+        ours = VLM.from_pretrained(Path(tmp) / "ours").eval().to(device)
+    hf = hf.to(device)
+    videos = torch.randn(1, VIDEO_FRAMES, 3, S, S, generator=torch.Generator().manual_seed(0)).to(device)
+    with torch.inference_mode():
+        want = hf.model.get_video_features(pixel_values_videos=videos).pooler_output
+        got = ours.video_features(videos)
+        times = interleave({"ours": partial(ours.video_features, videos),
+                            "transformers": partial(hf.model.get_video_features, pixel_values_videos=videos)},
+                           args.repeats, args.warmup, device)
+    return {"frames": VIDEO_FRAMES, "tokens": len(got), "max_rel_err": ((got - want.reshape(got.shape)).abs().max()
+                                                                          / want.abs().max()).item(),
+            "ours_s": statistics.median(times["ours"]), "transformers_s": statistics.median(times["transformers"])}
+
+
+def print_anyres(report: dict):
+    print(f"{'image (w x h)':<14}{'base tokens':>12}{'anyres tokens':>15}{'views':>7}{'base s':>9}{'anyres s':>10}"
+          f"{'anyres/base':>13}")
+    for size, row in report["anyres"].items():
+        print(f"{size:<14}{row['base_tokens']:>12}{row['anyres_tokens']:>15}{row['anyres_views']:>7}"
+              f"{row['base_s']:>9.3f}{row['anyres_s']:>10.3f}{row['anyres_s'] / row['base_s']:>12.2f}x")
+    v = report["video"]
+    print(f"{v['frames']}-frame video ({v['tokens']} tokens, max rel err {v['max_rel_err']:.1e}): ours "
+          f"{v['ours_s']:.3f} s, transformers {v['transformers_s']:.3f} s per video, "
+          f"{v['transformers_s'] / v['ours_s']:.2f}x (> 1: ours faster)")
+
+
 def llava_mix_samples(model: VLM, n: int, seed=0) -> list[dict]:
     """Finetuning samples with LLaVA-mix-like lengths: one image, a ~40-token prompt, and an answer that is a
     short phrase half the time (VQA-style) and a long-tailed paragraph otherwise (lognormal, median ~90)."""
@@ -517,13 +602,16 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--config", default="small", help="a preset from model.py: tiny, small, tinyllava-1.1b, ...")
-    p.add_argument("--what", choices=["train", "decode", "pack", "lm-decode", "quality", "tokenize", "all"],
+    p.add_argument("--what", choices=["train", "decode", "pack", "lm-decode", "quality", "tokenize", "anyres",
+                                      "all"],
                    default="all",
                    help="pack: padded vs packed finetuning batches with LLaVA-mix-like lengths (ours only); "
                    "lm-decode: batch-1 text decode of a converted real LM (--checkpoint) against transformers "
                    "(--hf-lm); tokenize: encode_conversation samples/s, sentencepiece against --checkpoint's "
                    "tokenizer (--samples); quality: bf16 and int8 against fp32, teacher-forced on "
-                   "docs/quality_text.txt (--checkpoint); none of these is part of all")
+                   "docs/quality_text.txt (--checkpoint); anyres: image tokens and prefill, base resolution vs "
+                   "anyres tiles, 3 sizes, and a 16-frame video's encoding against transformers' OneVision; none "
+                   "of these is part of all")
     p.add_argument("--checkpoint", type=Path, help="lm-decode: our checkpoint, e.g. converted from SmolLM2")
     p.add_argument("--hf-lm", type=Path, help="lm-decode: the HF dir or .gguf file it was converted from, run by "
                    "transformers on the same weights (omit to time ours alone)")
@@ -566,6 +654,13 @@ def measure(args, p, device, dtype) -> dict:
         for name, row in report["tokenize"].items():
             print(f"{name:<34}{row['samples_per_s']:>8,.0f} samples/s{row['tokens_per_sample']:>8.1f} tokens/sample"
                   f"{row['vs_sentencepiece']:>8.2f}x")
+        return report
+    if args.what == "anyres":
+        report = {"config": "small", "device": str(device), "threads": torch.get_num_threads()}
+        bench_anyres(args, device, report)
+        print(f"small preset (112 px tower, LM dim 256 x 4) + {args.text_tokens} text tokens on {device} "
+              f"({report['threads']} threads), fp32, median of {args.repeats}")
+        print_anyres(report)
         return report
     if args.what == "quality":
         if args.checkpoint is None:

@@ -641,3 +641,20 @@ def test_experiments_media_sweeps_run_end_to_end(sweep, tmp_path, monkeypatch):
         assert cfg.video_token_id == cfg.lm.vocab_size - 1 and rows[next(iter(rows))]["image_tokens"] == 4 * 9 + 1
     else:
         assert [row["image_tokens"] for row in rows.values()] == [16, 16 + 8 * 9]
+
+
+@pytest.mark.slow  # ~15 s of forwards at the small preset's size
+def test_bench_anyres_reports_tokens_per_size_and_a_video_matching_transformers(tmp_path):
+    import bench
+    from model import preset
+
+    bench.main(["--what", "anyres", "--repeats", "1", "--warmup", "0", "--text-tokens", "4", "--json",
+                str(tmp_path / "r.json")])
+    report = json.loads((tmp_path / "r.json").read_text())
+    cfg = preset("small")
+    S = cfg.vision.image_size
+    tiled = dataclasses.replace(cfg, grid_pinpoints=[[S, 2 * S], [2 * S, S], [2 * S, 2 * S], [3 * S, S], [S, 3 * S]])
+    for h, w in bench.ANYRES_SIZES:
+        row = report["anyres"][f"{w} x {h}"]
+        assert (row["base_tokens"], row["anyres_tokens"]) == (cfg.num_image_tokens, tiled.image_tokens((h, w)))
+    assert report["video"]["tokens"] == 16 * 4 * 4 + 1 and report["video"]["max_rel_err"] < 1e-4  # 8x8 grid pooled
