@@ -179,8 +179,15 @@ def bench_decode(ours, hf, args, device, dtype, report):
 
 def decode_bytes(model: VLM) -> int:
     """Weight bytes one decode step reads: the blocks and the head (tied or not, int8 with its scales). Of the
-    embedding table it reads one row."""
-    tensors = {id(t): t for part in (model.lm.blocks, model.lm.head) for t in [*part.parameters(), *part.buffers()]}
+    embedding table it reads one row. An int4 layer's kernel reads its packed copy and bf16 scales and zeros,
+    not the stored nibbles and float scales."""
+    from quantize import Int4Linear
+
+    tensors = {}
+    for module in [*model.lm.blocks.modules(), *model.lm.head.modules()]:
+        own = [module.packed, module.scales_and_zeros, module.bias] if isinstance(module, Int4Linear) else \
+            [*module.parameters(recurse=False), *module.buffers(recurse=False)]
+        tensors |= {id(t): t for t in own if t is not None}
     return sum(t.numel() * t.element_size() for t in tensors.values())
 
 
@@ -218,16 +225,16 @@ def load_hf_lm(path: Path, device, dtype):
 
 def our_paths(args, device, dtype, max_len: int) -> dict:
     """--paths: {name: (model, state)} for each of our decode paths on --checkpoint, e.g. "bf16", "int8",
-    "int8 compiled". A compiled path decodes over one fixed-size state, reset before each call."""
+    "int4 compiled". A compiled path decodes over one fixed-size state, reset before each call."""
     paths = {}
     for path in filter(None, args.paths.split(",")):
         kind, _, compiled = path.strip().partition(" ")
-        if kind not in ("fp32", "bf16", "int8") or compiled not in ("", "compiled"):
-            raise SystemExit(f"--paths: {path!r} is not fp32, bf16 or int8, optionally followed by ' compiled'")
+        if kind not in ("fp32", "bf16", "int8", "int4") or compiled not in ("", "compiled"):
+            raise SystemExit(f"--paths: {path!r} is not fp32, bf16, int8 or int4, optionally followed by ' compiled'")
         model = VLM.from_pretrained(args.checkpoint, device=device,
                                     dtype=torch.bfloat16 if kind == "bf16" else dtype).eval()
-        if kind == "int8" and model.cfg.quantize is None:
-            model.quantize("int8")
+        if kind in ("int8", "int4") and model.cfg.quantize is None:
+            model.quantize(kind)
         state = None
         if compiled:
             model.compile_decode_step()
@@ -272,31 +279,37 @@ QUALITY_TEXT = Path(__file__).parent / "docs" / "quality_text.txt"
 @torch.inference_mode()
 def bench_quality(args, device) -> dict:
     """Each reduced-precision path against fp32, teacher-forced on docs/quality_text.txt (~2,600 SmolLM2 tokens):
-    top-1 agreement, the largest logit difference, and perplexity. The int8 variants say whether the LM head and
-    the embedding table need full precision: "int8, fp32 head" keeps the head, "int8 + int8 embeddings" also
-    rounds the table that the prompt's tokens are looked up in."""
-    from quantize import Int8Linear, quantize_int8, quantize_weight
+    top-1 agreement, the largest logit difference, and perplexity. The variants say whether the LM head and the
+    embedding table need full precision: "fp32 head" keeps the head, "int8 + int8 embeddings" also rounds the
+    table that the prompt's tokens are looked up in; "fp32 activations" is the plain path, without the fused
+    kernel's bf16. int4 keeps its head int8 (quantize_lm); "int4, int4 head" says why."""
+    from quantize import Int4Linear, Int8Linear, quantize_int4, quantize_int8, quantize_lm, quantize_weight
     from tokenizer import load_tokenizer
 
     ids = torch.tensor([load_tokenizer(args.checkpoint).encode(QUALITY_TEXT.read_text())], device=device)
     fp32 = VLM.from_pretrained(args.checkpoint, device=device).eval()
 
-    def load(dtype=None, int8=False, skip=(), embed_int8=False, fused=True):
+    def load(dtype=None, quantize=None, embed_int8=False, fused=True):
         model = VLM.from_pretrained(args.checkpoint, device=device, dtype=dtype).eval()
-        if int8:
-            quantize_int8(model.lm, skip)
+        if quantize:
+            quantize(model.lm)
             for layer in model.modules():
-                if isinstance(layer, Int8Linear):
+                if isinstance(layer, (Int8Linear, Int4Linear)):
                     layer.fused = fused
         if embed_int8:
             q, scales = quantize_weight(model.lm.tok_embed.weight)
             model.lm.tok_embed.weight.copy_(q * scales[:, None])
         return model
 
-    variants = {"bf16": lambda: load(torch.bfloat16), "int8": lambda: load(int8=True),
-                "int8, fp32 activations (plain path)": lambda: load(int8=True, fused=False),
-                "int8, fp32 head": lambda: load(int8=True, skip=("head",)),
-                "int8 + int8 embeddings": lambda: load(int8=True, embed_int8=True)}
+    int4 = partial(quantize_lm, kind="int4")
+    variants = {"bf16": lambda: load(torch.bfloat16), "int8": lambda: load(quantize_int8),
+                "int8, fp32 activations (plain path)": lambda: load(quantize_int8, fused=False),
+                "int8, fp32 head": lambda: load(partial(quantize_int8, skip=("head",))),
+                "int8 + int8 embeddings": lambda: load(quantize_int8, embed_int8=True),
+                "int4 (int8 head)": lambda: load(int4),
+                "int4, fp32 activations (plain path)": lambda: load(int4, fused=False),
+                "int4, fp32 head": lambda: load(partial(quantize_int4, skip=("head",))),
+                "int4, int4 head": lambda: load(quantize_int4)}
     targets = ids[0, 1:]
     ref = fp32(ids)[0][0, :-1].float()  # (T - 1, V)
     ref_ppl = F.cross_entropy(ref, targets).exp().item()
@@ -608,7 +621,7 @@ def main(argv=None):
                    help="pack: padded vs packed finetuning batches with LLaVA-mix-like lengths (ours only); "
                    "lm-decode: batch-1 text decode of a converted real LM (--checkpoint) against transformers "
                    "(--hf-lm); tokenize: encode_conversation samples/s, sentencepiece against --checkpoint's "
-                   "tokenizer (--samples); quality: bf16 and int8 against fp32, teacher-forced on "
+                   "tokenizer (--samples); quality: bf16, int8 and int4 against fp32, teacher-forced on "
                    "docs/quality_text.txt (--checkpoint); anyres: image tokens and prefill, base resolution vs "
                    "anyres tiles, 3 sizes, and a 16-frame video's encoding against transformers' OneVision; none "
                    "of these is part of all")
@@ -616,8 +629,8 @@ def main(argv=None):
     p.add_argument("--hf-lm", type=Path, help="lm-decode: the HF dir or .gguf file it was converted from, run by "
                    "transformers on the same weights (omit to time ours alone)")
     p.add_argument("--paths", default="", help="lm-decode, quality: more of our decode paths on --checkpoint, "
-                   "comma-separated: fp32, bf16, int8, each optionally followed by ' compiled' (e.g. 'bf16,int8 "
-                   "compiled')")
+                   "comma-separated: fp32, bf16, int8, int4, each optionally followed by ' compiled' (e.g. "
+                   "'bf16,int4 compiled')")
     p.add_argument("--llama-cpp", type=Path, metavar="FILE.gguf", help="lm-decode: also time llama.cpp on this "
                    "GGUF file (the one --checkpoint was converted from), with its llama-bench and the same threads")
     p.add_argument("--llama-bench", default="llama-bench", help="lm-decode: path of llama.cpp's llama-bench binary")
