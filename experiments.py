@@ -77,6 +77,9 @@ BINDING = {
     "scratch: 16 px ViT depth 0": {"scratch": ["vision.patch_size=16", "vision.depth=0"]},
     "scratch: 16 px conv stem ViT depth 0": {"scratch": ["vision.patch_size=16", "vision.depth=0",
                                                             "vision.conv_stem=[24,48,96,192]"]},
+    "scratch: canon k3 + qk-norm": {"scratch": ["lm.conv_kernel=3", "lm.qk_norm=true"]},
+    "scratch: 16 px ViT depth 0 + canon k3 + qk-norm": {"scratch": ["vision.patch_size=16", "vision.depth=0",
+                                                                     "lm.conv_kernel=3", "lm.qk_norm=true"]},
 }
 
 # The pretrained-LM control: does an LM that already knows retrieval bind? --control-lm (SmolLM2-135M-Instruct)
@@ -144,10 +147,10 @@ def with_levers(pretrain: Path, lm_fields: dict, out: Path) -> Path:
 
 def binding_sweep(work: Path, steps: dict, eval_samples: int, names: list[str], pretrain: Path | None,
                   report_only=False, control_lm: Path | None = None, control_steps: dict = CONTROL_STEPS,
-                  scratch_steps: dict | None = None) -> dict:
+                  scratch_steps: dict | None = None, scratch_eval: int = train.MAIN_JOB_EVAL) -> dict:
     """One caption pretraining (or `pretrain`), then each named BINDING variant's finetune from it, all with the
     same step count; the control trains its own two stages from `control_lm` (see CONTROL), a "scratch" variant
-    both of the main job's (or `scratch_steps`) from scratch. A variant whose
+    the whole main job from scratch (or `scratch_steps`, scored on `scratch_eval` questions). A variant whose
     result.json holds the same settings is read back, not run again, so two processes can share a sweep
     (--variants) and a last call writes the report (report_only: runs nothing)."""
     flags = ["--save-every", "100000", "--keep", "1", "--eval-every", "0"]
@@ -167,7 +170,7 @@ def binding_sweep(work: Path, steps: dict, eval_samples: int, names: list[str], 
         done = run / "result.json"
         wanted = control if variant.get("control") else settings
         if "scratch" in variant:
-            wanted = {"scratch": variant["scratch"], "steps": scratch_steps, "eval_samples": eval_samples}
+            wanted = {"scratch": variant["scratch"], "steps": scratch_steps, "eval_samples": scratch_eval}
         if done.is_file() and json.loads(done.read_text())["settings"] == wanted:
             rows[name] = json.loads(done.read_text())["row"]
             continue
@@ -189,10 +192,11 @@ def binding_sweep(work: Path, steps: dict, eval_samples: int, names: list[str], 
             ckpt = train.train(train.parse_args(["--stage", "finetune", "--init", str(init), "--out",
                                                  str(run / "ft")] + args))
         rows[name] = {"train_minutes": (time.time() - t0) / 60, "cpu_minutes": (time.process_time() - cpu0) / 60,
-                      "load": os.getloadavg()[2]} | binding_scores(ckpt, eval_samples)
+                      "load": os.getloadavg()[2]} | binding_scores(ckpt, wanted["eval_samples"])
         if "scratch" in variant:
             rows[name]["scratch"] = (f"{scratch_steps['pretrain']} caption + {scratch_steps['finetune']} question "
-                                     f"steps from scratch" + "".join(f", --set {item}" for item in variant["scratch"]))
+                                     f"steps from scratch, {scratch_eval} held-out questions"
+                                     + "".join(f", --set {item}" for item in variant["scratch"]))
         if variant.get("control"):
             rows[name]["budget"] = (f"{control_steps['pretrain']} caption + {control_steps['finetune']} question "
                                     f"steps of batch 16, from {Path(control_lm).name}")
@@ -363,7 +367,8 @@ def main(argv=None):
                 raise SystemExit(f"error: --variants: unknown {unknown[0]!r}; choose from {', '.join(BINDING)}")
             smoke = {"pretrain": 2, "finetune": 2} if args.smoke else None
             rows = binding_sweep(args.work / sweep, steps, eval_samples, names, args.pretrain, args.report,
-                                 args.control_lm, smoke or CONTROL_STEPS, smoke)
+                                 args.control_lm, smoke or CONTROL_STEPS, smoke,
+                                 eval_samples if args.smoke else train.MAIN_JOB_EVAL)
             if not args.variants:  # a partial sweep leaves its results in --work for the full call to report
                 pretrain = args.pretrain or args.work / sweep / "pretrain"  # one, shared: say how long it trained
                 steps["pretrain"] = json.loads((pretrain / "training.json").read_text())["steps"]

@@ -58,7 +58,8 @@ def test_binding_scratch_variant_trains_its_own_tower_through_both_stages(tmp_pa
     assert not (tmp_path / "runs" / "binding" / "pretrain").exists()  # no shared pretraining was needed
     row = json.loads((run / "result.json").read_text())["row"]
     assert row["image_tokens"] == 9 and 0 <= row["binding_errors"] <= row["wrong"] <= 8
-    assert row["scratch"].startswith("2 caption + 2 question steps from scratch, --set vision.patch_size=16")
+    assert row["scratch"].startswith("2 caption + 2 question steps from scratch, 8 held-out questions, --set "
+                                     "vision.patch_size=16")
 
 
 @pytest.mark.slow
