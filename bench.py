@@ -289,7 +289,7 @@ def bench_quality(args, device) -> dict:
     ids = torch.tensor([load_tokenizer(args.checkpoint).encode(QUALITY_TEXT.read_text())], device=device)
     fp32 = VLM.from_pretrained(args.checkpoint, device=device).eval()
 
-    def load(dtype=None, quantize=None, embed_int8=False, fused=True):
+    def load(quantize=None, dtype=None, embed_int8=False, fused=True):
         model = VLM.from_pretrained(args.checkpoint, device=device, dtype=dtype).eval()
         if quantize:
             quantize(model.lm)
@@ -302,7 +302,7 @@ def bench_quality(args, device) -> dict:
         return model
 
     int4 = partial(quantize_lm, kind="int4")
-    variants = {"bf16": lambda: load(torch.bfloat16), "int8": lambda: load(quantize_int8),
+    variants = {"bf16": lambda: load(dtype=torch.bfloat16), "int8": lambda: load(quantize_int8),
                 "int8, fp32 activations (plain path)": lambda: load(quantize_int8, fused=False),
                 "int8, fp32 head": lambda: load(partial(quantize_int8, skip=("head",))),
                 "int8 + int8 embeddings": lambda: load(quantize_int8, embed_int8=True),
