@@ -658,3 +658,10 @@ def test_bench_anyres_reports_tokens_per_size_and_a_video_matching_transformers(
         row = report["anyres"][f"{w} x {h}"]
         assert (row["base_tokens"], row["anyres_tokens"]) == (cfg.num_image_tokens, tiled.image_tokens((h, w)))
     assert report["video"]["tokens"] == 16 * 4 * 4 + 1 and report["video"]["max_rel_err"] < 1e-4  # 8x8 grid pooled
+
+
+def test_shapes_world_keeps_its_own_image_size_when_set():
+    import train
+
+    assert train.shapes_world(train.parse_args([]), 32).image_size == 32  # drawn at the tower's size by default
+    assert train.shapes_world(train.parse_args(["--set", "world.image_size=64"]), 32).image_size == 64  # tiled
