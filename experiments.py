@@ -86,8 +86,8 @@ BINDING = {
 # stays frozen with LoRA adapters, behind a from-scratch tiny tower and projector (`convert_weights.py --fresh-vision
 # tiny`), on the same ShapesWorld. Its own two stages: captions teach the tower and projector to talk to the frozen
 # LM, then questions train them with the adapters. bf16 autocast: 1.5-2x faster per step than fp32 on this CPU.
-# The steps are sized to ~25 CPU-minutes at one thread (measured 5.3 / 7.0 CPU-s per caption / question step), so
-# that the run fits an hour of a shared 2-core machine at ~40% of a core.
+# Measured 5.3 / 7.0 CPU-s per caption / question step at one thread: the steps make ~17 CPU-minutes, so that the run
+# fits an hour of a 2-core machine shared with higher-priority jobs (it got 17-40% of a core).
 CONTROL = {
     "pretrain": ["--train", "vision,projector", "--batch-size", "16", "--lr", "2e-3", "--warmup-ratio", "0.05",
                  "--dtype", "bfloat16"],
@@ -95,7 +95,7 @@ CONTROL = {
                  "--batch-size", "16", "--lr", "1e-3", "--projector-lr", "1e-3", "--warmup-ratio", "0.05",
                  "--dtype", "bfloat16"],
 }
-CONTROL_STEPS = {"pretrain": 120, "finetune": 100}
+CONTROL_STEPS = {"pretrain": 120, "finetune": 40}
 
 
 def main_job_steps() -> dict:
@@ -266,9 +266,11 @@ MEDIA_FLAGS = ["--init", "tiny", "--batch-size", "16", "--lr", "1e-3", "--warmup
 SMALL_OBJECTS = ["vision.image_size=32", "world.image_size=64", "world.grid=2", "world.max_objects=1",
                  "world.object_scale=0.3", 'world.categories=["shape","color","exists"]']
 MEDIA = {
-    "anyres": {
+    "anyres": {  # objects x0.3: ~8 px at 64, ~4 at 32; x0.5: ~13 px at 64 (the main job's size at 48), ~7 at 32
         "base view only (64 px squashed to 32)": SMALL_OBJECTS,
         "anyres: base view + 2x2 tiles": SMALL_OBJECTS + ["grid_pinpoints=[[64,64]]"],
+        "base view only, objects x0.5": SMALL_OBJECTS + ["world.object_scale=0.5"],
+        "anyres, objects x0.5": SMALL_OBJECTS + ["world.object_scale=0.5", "grid_pinpoints=[[64,64]]"],
     },
     "video": {  # 2 objects drifting over 4 frames; "Which way is the red circle moving?", "Which object appears last?"
         "4-frame clips (48 px, 3x3 pooled tokens per frame)": ["world.frames=4", "world.grid=2",
@@ -278,10 +280,16 @@ MEDIA = {
 
 
 def media_sweep(sweep: str, work: Path, steps: int, eval_samples: int) -> dict:
-    """Each MEDIA[sweep] variant finetuned from scratch for `steps` steps, then scored held-out and blind."""
+    """Each MEDIA[sweep] variant finetuned from scratch for `steps` steps, then scored held-out and blind. A run
+    whose result.json holds the same settings is read back, not trained again (a sweep can grow a variant)."""
     rows = {}
     for name, sets in MEDIA[sweep].items():
         run = work / "".join(c if c.isalnum() else "_" for c in name)
+        settings = {"sets": sets, "flags": MEDIA_FLAGS, "steps": steps, "eval_samples": eval_samples}
+        done = run / "result.json"
+        if done.is_file() and json.loads(done.read_text())["settings"] == settings:
+            rows[name] = json.loads(done.read_text())["row"]
+            continue
         shutil.rmtree(run, ignore_errors=True)
         print(f"== {sweep}: {name} ({' '.join(sets)})", flush=True)
         t0, cpu0 = time.time(), time.process_time()
@@ -294,6 +302,7 @@ def media_sweep(sweep: str, work: Path, steps: int, eval_samples: int) -> dict:
         tokens = cfg.video_tokens(world["frames"]) if world.get("frames") else cfg.image_tokens((size, size))
         rows[name] = scores | {"image_tokens": tokens, "train_minutes": minutes, "load": os.getloadavg()[2],
                                "cpu_minutes": (time.process_time() - cpu0) / 60}  # training and scoring
+        done.write_text(json.dumps({"settings": settings, "row": rows[name]}, indent=1) + "\n")
         print(f"== {name}: held-out {rows[name]['heldout']:.3f}, blind {rows[name]['blind']:.3f}", flush=True)
     return rows
 
