@@ -640,7 +640,7 @@ def test_experiments_media_sweeps_run_end_to_end(sweep, tmp_path, monkeypatch):
     if sweep == "video":
         assert cfg.video_token_id == cfg.lm.vocab_size - 1 and rows[next(iter(rows))]["image_tokens"] == 4 * 9 + 1
     else:
-        assert [row["image_tokens"] for row in rows.values()] == [16, 16 + 8 * 9]
+        assert [row["image_tokens"] for row in rows.values()] == [16, 16 + 8 * 9] * 2
 
 
 @pytest.mark.slow  # ~15 s of forwards at the small preset's size
