@@ -59,6 +59,8 @@ SWEEPS = {
     },
 }
 
+PLAIN_TINY = ["vision.patch_size=8", "vision.depth=1", "lm.conv_kernel=0", "lm.qk_norm=false"]  # the tiny preset
+
 # The binding sweep: each variant finetunes the same caption-pretrained model (see binding_sweep). "lm" sets
 # LlamaConfig levers (new tensors start at their init: a Canon conv at zero is the identity), "sets" are train.py
 # --set items for ShapesWorld, "flags" replace the main job's finetune flags (argparse: the last one wins).
@@ -72,14 +74,15 @@ BINDING = {
                                           "sets": ["world.questions=4"]},
     "control: SmolLM2-135M + LoRA": {"control": True},  # see CONTROL
     # "scratch": model --set items; the variant is the whole main job from scratch (both stages, its steps), since
-    # a tower change cannot be inserted into a model pretrained without it. 16 px patches = one token per 3x3 cell.
-    "scratch: main job": {"scratch": []},
-    "scratch: 16 px ViT depth 0": {"scratch": ["vision.patch_size=16", "vision.depth=0"]},
-    "scratch: 16 px conv stem ViT depth 0": {"scratch": ["vision.patch_size=16", "vision.depth=0",
-                                                            "vision.conv_stem=[24,48,96,192]"]},
-    "scratch: canon k3 + qk-norm": {"scratch": ["lm.conv_kernel=3", "lm.qk_norm=true"]},
-    "scratch: 16 px ViT depth 0 + canon k3 + qk-norm": {"scratch": ["vision.patch_size=16", "vision.depth=0",
-                                                                     "lm.conv_kernel=3", "lm.qk_norm=true"]},
+    # a tower change cannot be inserted into a model pretrained without it. Each names all four fields the main job
+    # sets (train.MAIN_JOB), so it means the same whatever the default. 16 px patches = one token per 3x3 cell.
+    "scratch: 8 px (the main job before #9)": {"scratch": PLAIN_TINY},
+    "scratch: 16 px ViT depth 0": {"scratch": PLAIN_TINY + ["vision.patch_size=16", "vision.depth=0"]},
+    "scratch: 16 px conv stem ViT depth 0": {"scratch": PLAIN_TINY + ["vision.patch_size=16", "vision.depth=0",
+                                                                      "vision.conv_stem=[24,48,96,192]"]},
+    "scratch: canon k3 + qk-norm": {"scratch": PLAIN_TINY + ["lm.conv_kernel=3", "lm.qk_norm=true"]},
+    "scratch: 16 px ViT depth 0 + canon k3 + qk-norm (the main job)": {"scratch": PLAIN_TINY + [
+        "vision.patch_size=16", "vision.depth=0", "lm.conv_kernel=3", "lm.qk_norm=true"]},
 }
 
 # The pretrained-LM control: does an LM that already knows retrieval bind? --control-lm (SmolLM2-135M-Instruct)
