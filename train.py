@@ -47,8 +47,12 @@ PARTS = ("vision", "projector", "lm")
 # The main job: tuned so that both stages and the evaluation finish in under 10 minutes on 2 CPU cores.
 # Each stage's flags are parsed like a command line; flags given to `python train.py` are appended, so they win.
 MAIN_JOB = {
+    # The tiny preset with one image token per 3x3 cell (16 px patches, the patch embedding alone: a tower block
+    # mixes the few object tokens into each other) and, in the LM, a Canon layer and QK-norm from the first step
+    # (issue #9: 0.733 held-out against 0.658 for the plain tiny preset; colour questions 0.61 -> 0.98).
     "pretrain": ["--init", "tiny", "--max-steps", "900", "--batch-size", "32", "--lr", "2e-3", "--warmup-ratio",
-                 "0.05"],
+                 "0.05", "--set", "vision.patch_size=16", "--set", "vision.depth=0", "--set", "lm.conv_kernel=3",
+                 "--set", "lm.qk_norm=true"],
     # A greedy score of 100 held-out questions every 100 steps draws learning_curve.png (~1 CPU-s each).
     "finetune": ["--max-steps", "1000", "--batch-size", "32", "--lr", "1e-3", "--warmup-ratio", "0.05",
                  "--eval-every", "100", "--eval-samples", "100"],

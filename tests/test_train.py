@@ -273,7 +273,11 @@ def test_main_job_smoke_prints_the_two_accuracy_lines(tmp_path):
         assert (tmp_path / stage / "tokenizer.model").is_file()
         assert (tmp_path / stage / "metrics.jsonl").read_text().strip()
     assert (tmp_path / "pretrain" / "projector.safetensors").is_file()
-    assert json.loads((tmp_path / "finetune" / "config.json").read_text())["template"] == "vicuna_v1"
+    cfg = json.loads((tmp_path / "finetune" / "config.json").read_text())
+    assert cfg["template"] == "vicuna_v1"
+    # issue #9's main job: one image token per 3x3 cell, no tower block, a Canon layer and QK-norm in the LM
+    assert (cfg["vision"]["patch_size"], cfg["vision"]["depth"], cfg["lm"]["conv_kernel"], cfg["lm"]["qk_norm"]) == (
+        16, 0, 3, True)
     evals = [json.loads(line) for line in (tmp_path / "finetune" / "metrics.jsonl").read_text().splitlines()
              if "eval_by_category" in line]
     assert len(evals) == 1 and set(evals[0]["eval_by_category"]) <= set(CATEGORIES)
