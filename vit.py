@@ -121,7 +121,7 @@ class ConvStem(nn.Module):
         super().__init__()
         ins = (3,) + channels[:-1]
         self.convs = nn.ModuleList(nn.Conv2d(i, o, 3, stride=2, padding=1) for i, o in zip(ins, channels, strict=True))
-        for conv in self.convs:  # He init: PyTorch's default shrinks the signal ~4x per layer, leaving only biases
+        for conv in self.convs:  # He init: PyTorch's default shrinks the signal ~3x per layer, leaving only biases
             nn.init.kaiming_normal_(conv.weight, nonlinearity="relu")
             nn.init.zeros_(conv.bias)
 

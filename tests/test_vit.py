@@ -92,3 +92,18 @@ def test_conv_stem_gives_one_token_per_patch_that_sees_only_its_image():
     y[:, :, 16:, :] = torch.randn(3, 3, 32, 48)  # every pixel outside the top-left 16 px block
     tokens_x, tokens_y = tower.embed(x), tower.embed(y)  # (B, 9, C) before any attention
     assert torch.equal(tokens_x[:, 0], tokens_y[:, 0]) and not torch.equal(tokens_x[:, 1:], tokens_y[:, 1:])
+
+
+@torch.no_grad()
+def test_conv_stem_keeps_its_signal_through_every_layer_at_init():
+    """He init preserves the second moment through conv + GELU, so the patch embedding sees image content; with
+    PyTorch's default conv init each layer shrank it ~3x, and after four layers mostly biases were left."""
+    torch.manual_seed(0)
+    stem = VisionTransformer(ViTConfig(image_size=48, patch_size=16, width=32, depth=0, heads=2, mlp_dim=64,
+                                       class_token=False, conv_stem=(24, 48, 96, 192))).stem
+    x = pixels(size=48, n=8)
+    stds = []
+    for conv in stem.convs:
+        x = torch.nn.functional.gelu(conv(x))
+        stds.append(x.std().item())
+    assert min(stds) > 0.5 * max(stds), stds
