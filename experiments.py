@@ -149,6 +149,19 @@ def with_levers(pretrain: Path, lm_fields: dict, out: Path) -> Path:
     return out
 
 
+def run_dir(work: Path, name: str) -> Path:
+    """A variant's folder under `work`, named after it."""
+    return work / name.replace(" ", "_").replace(",", "").replace("+", "").replace("/", "_").replace(":", "")
+
+
+def cached_row(run: Path, settings: dict) -> dict | None:
+    """The row a finished run left in run/result.json, if it ran with these settings (else None: run it)."""
+    done = run / "result.json"
+    if done.is_file() and json.loads(done.read_text())["settings"] == settings:
+        return json.loads(done.read_text())["row"]
+    return None
+
+
 def binding_sweep(work: Path, steps: dict, eval_samples: int, names: list[str], pretrain: Path | None,
                   report_only=False, control_lm: Path | None = None, control_steps: dict = CONTROL_STEPS,
                   scratch_steps: dict | None = None, scratch_eval: int = train.MAIN_JOB_EVAL) -> dict:
@@ -170,13 +183,12 @@ def binding_sweep(work: Path, steps: dict, eval_samples: int, names: list[str], 
     rows = {}
     for name in names:
         variant = BINDING[name]
-        run = work / name.replace(" ", "_").replace(",", "").replace("+", "").replace("/", "_").replace(":", "")
-        done = run / "result.json"
+        run = run_dir(work, name)
         wanted = control if variant.get("control") else settings
         if "scratch" in variant:
             wanted = {"scratch": variant["scratch"], "steps": scratch_steps, "eval_samples": scratch_eval}
-        if done.is_file() and json.loads(done.read_text())["settings"] == wanted:
-            rows[name] = json.loads(done.read_text())["row"]
+        if (row := cached_row(run, wanted)) is not None:
+            rows[name] = row
             continue
         if report_only or (variant.get("control") and control_lm is None):
             print(f"== binding: {name} has no result with these settings in {run}; left out of the report"
@@ -204,7 +216,7 @@ def binding_sweep(work: Path, steps: dict, eval_samples: int, names: list[str], 
         if variant.get("control"):
             rows[name]["budget"] = (f"{control_steps['pretrain']} caption + {control_steps['finetune']} question "
                                     f"steps of batch 16, from {Path(control_lm).name}")
-        done.write_text(json.dumps({"settings": wanted, "row": rows[name]}, indent=1) + "\n")
+        (run / "result.json").write_text(json.dumps({"settings": wanted, "row": rows[name]}, indent=1) + "\n")
         print(f"== {name}: held-out {rows[name]['heldout']:.3f}, blind {rows[name]['blind']:.3f}, binding errors "
               f"{rows[name]['binding_errors']}/{rows[name]['wrong']}", flush=True)
     return rows
@@ -287,11 +299,10 @@ def media_sweep(sweep: str, work: Path, steps: int, eval_samples: int) -> dict:
     whose result.json holds the same settings is read back, not trained again (a sweep can grow a variant)."""
     rows = {}
     for name, sets in MEDIA[sweep].items():
-        run = work / "".join(c if c.isalnum() else "_" for c in name)
+        run = run_dir(work, name)
         settings = {"sets": sets, "flags": MEDIA_FLAGS, "steps": steps, "eval_samples": eval_samples}
-        done = run / "result.json"
-        if done.is_file() and json.loads(done.read_text())["settings"] == settings:
-            rows[name] = json.loads(done.read_text())["row"]
+        if (row := cached_row(run, settings)) is not None:
+            rows[name] = row
             continue
         shutil.rmtree(run, ignore_errors=True)
         print(f"== {sweep}: {name} ({' '.join(sets)})", flush=True)
@@ -305,7 +316,7 @@ def media_sweep(sweep: str, work: Path, steps: int, eval_samples: int) -> dict:
         tokens = cfg.video_tokens(world["frames"]) if world.get("frames") else cfg.image_tokens((size, size))
         rows[name] = scores | {"image_tokens": tokens, "train_minutes": minutes, "load": os.getloadavg()[2],
                                "cpu_minutes": (time.process_time() - cpu0) / 60}  # training and scoring
-        done.write_text(json.dumps({"settings": settings, "row": rows[name]}, indent=1) + "\n")
+        (run / "result.json").write_text(json.dumps({"settings": settings, "row": rows[name]}, indent=1) + "\n")
         print(f"== {name}: held-out {rows[name]['heldout']:.3f}, blind {rows[name]['blind']:.3f}", flush=True)
     return rows
 
@@ -390,7 +401,7 @@ def main(argv=None):
             continue
         rows = {}
         for name, sets in variants.items():
-            work = args.work / sweep / name.replace(" ", "_").replace(",", "").replace("/", "_")
+            work = run_dir(args.work / sweep, name)
             shutil.rmtree(work, ignore_errors=True)
             print(f"== {sweep}: {name} ({' '.join(sets)})", flush=True)
             rows[name] = run_variant(sets, work, steps, eval_samples)
