@@ -25,7 +25,7 @@ from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_token
 from llama import LlamaConfig, rope_frequencies
 from model import PRESETS, VLM, VLMConfig, preset
 from projector import Projector, ProjectorConfig
-from quantize import Int4Linear, pack_nibbles
+from quantize import Int4Linear, Int8Linear, pack_nibbles, quantize_int4_weight, quantize_weight
 from tokenizer import TEMPLATES, detect_template, load_tokenizer
 from vit import VisionTransformer, ViTConfig
 
@@ -371,14 +371,18 @@ class GGUFSource:
         w = torch.from_numpy(self.gguf.quants.dequantize(t.data, t.tensor_type).copy()).reshape(self.shape(key))
         return unpermute_rope_rows(w, self.rope_heads[key]) if key in self.rope_heads else w
 
-    def int4_blocks(self, key: str) -> list[torch.Tensor] | None:
+    def is_q4(self, key: str) -> bool:
+        """Whether a tensor is stored in Q4_0 or Q4_1 blocks, which an Int4Linear holds as they are (int4_blocks)."""
+        return self.tensors[key].tensor_type.name in ("Q4_0", "Q4_1")
+
+    def int4_blocks(self, key: str) -> list[torch.Tensor]:
         """A Q4_0 or Q4_1 tensor exactly as stored, in Int4Linear's terms: [q (out, in) in 0..15, scales, mins
-        (out, in / 32)], q/k rows un-permuted; None for any other type. Q4_1 blocks hold w = d q + m, Q4_0 blocks
-        w = d (q - 8), so min = -8 d (exact). A block is fp16 d [, fp16 m], then 16 bytes: the low nibbles are its
-        first 16 weights, the high nibbles its last 16."""
+        (out, in / 32)], q/k rows un-permuted. Q4_1 blocks hold w = d q + m, Q4_0 blocks w = d (q - 8), so
+        min = -8 d (exact). A block is fp16 d [, fp16 m], then 16 bytes: the low nibbles are its first 16 weights,
+        the high nibbles its last 16."""
         t = self.tensors[key]
-        if t.tensor_type.name not in ("Q4_0", "Q4_1"):
-            return None
+        if not self.is_q4(key):
+            raise ValueError(f"{self.path}: tensor '{key}' is {t.tensor_type.name}, not Q4_0 or Q4_1")
         rows, cols = self.shape(key)
         blocks = torch.from_numpy(t.data.copy()).view(rows, cols // 32, -1)  # (out, blocks, 18 or 20 bytes)
         scales = blocks[..., 0:2].contiguous().view(torch.float16).squeeze(-1).float()  # (out, blocks)
@@ -533,10 +537,25 @@ def write_lm_tokenizer(lm: "Path | GGUFSource", out: Path, rows: int) -> str:
 
 
 def take_gguf_lm(plan: "Plan", src: GGUFSource):
-    plan.take(src, expand(GGUF_MAP, "lm.", "", plan.cfg.lm.n_layers))
+    mapping = expand(GGUF_MAP, "lm.", "", plan.cfg.lm.n_layers)
+    plan.take(src, mapping)
     if not plan.cfg.lm.tie_embeddings:
         plan.take(src, {"lm.head.weight": "output.weight"})
     plan.check_all_used(src, "", [r"^rope_freqs\.weight$"])  # read into the config (llama3 RoPE scaling)
+    taken = {k: v for k, v in mapping.items() if k in plan.recipes}  # a Llama's file has no q/k/v biases
+    plan.q4_blocks = gguf_q4_blocks(src, taken)
+
+
+def gguf_q4_blocks(src: GGUFSource, mapping: dict) -> dict:
+    """Our weight key -> callable() -> the file's own Q4 blocks [q, scales, mins], rows stacked for our fused
+    layers (q, k, v; gate, up), for each weight whose parts are all Q4_0/Q4_1. An int4 layer takes these as
+    stored: a lossless copy, where rounding the dequantized weights again would not be (Q4_0's blocks)."""
+    blocks = {}
+    for ours, theirs in mapping.items():
+        names = theirs if isinstance(theirs, tuple) else (theirs,)
+        if all(src.is_q4(name) for name in names):
+            blocks[ours] = lambda names=names: [torch.cat(x) for x in zip(*map(src.int4_blocks, names), strict=True)]
+    return blocks
 
 
 # ----------------------------------------------------------------------------- building a checkpoint
@@ -546,11 +565,19 @@ class Plan:
     """Everything needed to write one of our checkpoints: the config, and each tensor's recipe."""
 
     def __init__(self, cfg: VLMConfig):
-        self.cfg = cfg
-        with torch.device("meta"):
-            self.expected = VLM(cfg).state_dict()  # our key -> an empty tensor of the shape we need
         self.recipes: dict = {}  # our key -> callable(meta: bool) -> tensor
         self.used: set[str] = set()  # their keys consumed so far
+        self.q4_blocks: dict | None = None  # a GGUF LM: our weight key -> callable() -> its Q4 blocks as stored
+        self.last_layer = (None, None, None)  # (name, meta, parts) of the quantized layer made last (layer_parts)
+        self.set_config(cfg)
+
+    def set_config(self, cfg: VLMConfig):
+        """The config, its model built on `meta` (structure only, no weights), and what that model stores: our key
+        -> an empty tensor of the shape we need (a tied head is the embedding table, not stored twice)."""
+        self.cfg = cfg
+        with torch.device("meta"):
+            self.model = VLM(cfg)
+        self.expected = {k: v for k, v in self.model.state_dict().items() if k not in self.model.tied_keys()}
 
     def take(self, src: Source, mapping: dict):
         """Use `mapping` for the keys this model has (biases, CLS or post-norm only where the config has them)."""
@@ -575,27 +602,82 @@ class Plan:
             raise KeyError(f"tensor '{left[0]}' has no place in our model (unsupported variant?)"
                            f"{f' and {len(left) - 1} more' if len(left) > 1 else ''}")
 
-    def write(self, out: Path, dtype=None) -> str:
+    def write(self, out: Path, dtype=None, quantize=None) -> str:
+        """Write config.json and model.safetensors, one tensor at a time. `dtype` casts the floating-point weights;
+        `quantize` ("int8" / "int4") then stores the LM's linear layers quantized, each made from its cast weight."""
+        n_params = sum(t.numel() for t in self.expected.values())
+        if dtype is not None:
+            self.cast(dtype)
+        note = f"; the LM's linear layers are {quantize}{self.quantize(quantize)}" if quantize else ""
         expected = self.expected
-        skip = {"lm.head.weight"} if self.cfg.lm.tie_embeddings else set()
-        wanted = {k for k in expected if k not in skip}
-        missing, extra = sorted(wanted - self.recipes.keys()), sorted(self.recipes.keys() - wanted)
+        missing, extra = sorted(expected.keys() - self.recipes.keys()), sorted(self.recipes.keys() - expected.keys())
         if missing or extra:
             raise KeyError(f"weight map mismatch: missing {missing[:3]}, unexpected {extra[:3]}")
         specs = {}
-        for k in sorted(wanted):
-            t = self.recipes[k](True)
-            if t.shape != expected[k].shape:
-                raise ValueError(f"tensor '{k}': checkpoint gives shape {tuple(t.shape)}, config expects "
+        for k in sorted(expected):
+            specs[k] = self.recipes[k](True)
+            if specs[k].shape != expected[k].shape:
+                raise ValueError(f"tensor '{k}': checkpoint gives shape {tuple(specs[k].shape)}, config expects "
                                  f"{tuple(expected[k].shape)}")
-            specs[k] = t.to(dtype) if dtype is not None and t.is_floating_point() else t
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.json").write_text(json.dumps(self.cfg.to_dict(), indent=2) + "\n")
         write_safetensors(out / "model.safetensors", specs, lambda k: self.recipes[k](False))
-        n_params = sum(t.numel() for t in specs.values())
         dtypes = sorted({str(t.dtype).removeprefix("torch.") for t in specs.values()})
         return (f"wrote {out}: {n_params / 1e6:.1f}M parameters, {'/'.join(dtypes)}, "
-                f"{self.cfg.num_image_tokens} image tokens per {'tile' if self.cfg.grid_pinpoints else 'image'}")
+                f"{self.cfg.num_image_tokens} image tokens per {'tile' if self.cfg.grid_pinpoints else 'image'}{note}")
+
+    def cast(self, dtype: torch.dtype):
+        """Cast each floating-point tensor to `dtype` as it is made."""
+        def cast(t):
+            return t.to(dtype) if t.is_floating_point() else t
+        for k, recipe in self.recipes.items():
+            self.recipes[k] = lambda meta, r=recipe: cast(r(meta))
+
+    def quantize(self, kind: str) -> str:
+        """Store the LM's linear layers as `kind` (quantize.py), as VLM.quantize would make them, but layer by
+        layer while writing: each layer's float weight is made once, rounded, and dropped, so the float model is
+        never built and converting a 7B model needs about one layer of extra RAM. For int4, a layer whose GGUF
+        parts are all Q4_0/Q4_1 takes the file's blocks as stored. Returns a note for the user."""
+        self.set_config(dataclasses.replace(self.cfg, quantize=kind))  # the config records it: loads strictly
+        int4 = taken = 0
+        for name, layer in self.model.named_modules():
+            if not isinstance(layer, (Int8Linear, Int4Linear)):
+                continue
+            tied = name == "lm.head" and self.cfg.lm.tie_embeddings
+            weight = self.recipes["lm.tok_embed.weight" if tied else f"{name}.weight"]  # the float weight's recipe
+            blocks = None
+            if isinstance(layer, Int4Linear):
+                int4 += 1
+                if self.q4_blocks is not None and layer.group_size == 32:  # llama.cpp's Q4 blocks are 32 wide
+                    blocks = self.q4_blocks.get(f"{name}.weight")
+                taken += blocks is not None
+            parts = self.layer_parts(name, layer, weight, blocks)
+            for part in ("weight", "scales", "mins") if isinstance(layer, Int4Linear) else ("weight", "scales"):
+                self.recipes[f"{name}.{part}"] = lambda meta, p=part, parts=parts: parts(meta)[p]
+        if not int4 or self.q4_blocks is None:
+            return ""
+        return f"; {taken} of {int4} int4 layers are the file's own Q4 blocks, the rest rounded to nearest"
+
+    def layer_parts(self, name: str, layer: torch.nn.Module, weight, blocks):
+        """One quantized layer's tensors as a recipe, meta -> {part: tensor}. Its keys are written one after
+        another, so the last layer's parts are kept: its float weight is made and rounded once, not once per key."""
+        def parts(meta: bool) -> dict:
+            if self.last_layer[:2] != (name, meta):
+                self.last_layer = (name, meta, quantized_parts(layer, weight, None if meta else blocks, meta))
+            return self.last_layer[2]
+        return parts
+
+
+def quantized_parts(layer: torch.nn.Module, weight, blocks, meta: bool) -> dict:
+    """The tensors an Int8Linear or Int4Linear stores, made from its float weight `weight(meta)` as from_linear
+    makes them; an int4 layer with `blocks` (callable() -> the file's [q, scales, mins]) takes those instead,
+    without making the float weight at all. Scales and mins are held in the float weight's dtype."""
+    if isinstance(layer, Int8Linear):
+        q, scales = quantize_weight(weight(meta))
+        return {"weight": q, "scales": scales}
+    dtype = weight(True).dtype  # reads no data
+    q, scales, mins = blocks() if blocks else quantize_int4_weight(weight(meta), layer.group_size)
+    return {"weight": pack_nibbles(q), "scales": scales.to(dtype), "mins": mins.to(dtype)}
 
 
 def add_image_token_row(plan: Plan):
@@ -836,41 +918,6 @@ def split_fused(our_key: str, their_key, tensor: torch.Tensor, cfg: VLMConfig) -
 # ----------------------------------------------------------------------------- CLI
 
 
-def quantize_checkpoint(ckpt: Path, kind: str, gguf: GGUFSource | None = None) -> str:
-    """Rewrite a converted checkpoint with int8 or int4 LM layers. Its config records `quantize`, so from_pretrained
-    rebuilds the same modules and loads them strictly. From a GGUF file, int4 layers take its Q4 blocks as stored."""
-    model = VLM.from_pretrained(ckpt).quantize(kind)
-    note = f"; {take_gguf_int4(model, gguf)}" if kind == "int4" and gguf is not None else ""
-    model.save_pretrained(ckpt / "quantized.tmp")  # not over the file the float tensors are memory-mapped from
-    for name in ("config.json", "model.safetensors"):
-        (ckpt / "quantized.tmp" / name).replace(ckpt / name)
-    (ckpt / "quantized.tmp").rmdir()
-    size = (ckpt / "model.safetensors").stat().st_size
-    return f"quantized {ckpt}: the LM's linear layers are {kind}, {size / 1e6:.1f} MB in all{note}"
-
-
-def take_gguf_int4(model: VLM, src: GGUFSource) -> str:
-    """Replace each int4 layer rounded from the dequantized weights by the file's own Q4_0/Q4_1 blocks, where all
-    of its parts (q, k, v; gate, up) are stored so: a lossless copy, not a second rounding."""
-    if model.cfg.quant_group_size != 32:
-        return f"groups of {model.cfg.quant_group_size}, not the file's 32: every int4 layer rounded to nearest"
-    layers = dict(model.named_modules())
-    taken = total = 0
-    for key, theirs in expand(GGUF_MAP, "lm.", "", model.cfg.lm.n_layers).items():
-        layer = layers.get(key.removesuffix(".weight"))
-        if not isinstance(layer, Int4Linear):
-            continue
-        total += 1
-        parts = [src.int4_blocks(name) for name in (theirs if isinstance(theirs, tuple) else (theirs,))]
-        if any(part is None for part in parts):
-            continue
-        q, scales, mins = (torch.cat(x) for x in zip(*parts, strict=True))  # fused layers: rows stacked
-        dtype = layer.scales.dtype  # fp32 holds fp16 d and m exactly
-        layer.weight, layer.scales, layer.mins = pack_nibbles(q), scales.to(dtype), mins.to(dtype)
-        taken += 1
-    return f"{taken} of {total} int4 layers are the file's own Q4 blocks, the rest rounded to nearest"
-
-
 def main(argv=None):
     p = argparse.ArgumentParser(
         description="Convert CLIP/SigLIP + Llama/Mistral, or LLaVA checkpoints, into vlm_from_scratch checkpoints "
@@ -908,14 +955,13 @@ def main(argv=None):
     dtype = getattr(torch, args.dtype) if args.dtype else None
     if args.quantize and args.to_hf:
         p.error("--quantize writes our format; transformers' LLaVA cannot hold quantized layers (--to-hf)")
-    lm = None
     try:
         if args.to_hf:
             print(to_hf(args.to_hf, args.out))
         elif args.llava:
             plan = from_llava(args.llava, args.vision)
             plan.cfg.template = args.template or write_lm_tokenizer(args.llava, args.out, plan.cfg.lm.vocab_size)
-            print(plan.write(args.out, dtype))
+            print(plan.write(args.out, dtype, args.quantize))
         elif (args.vision or args.fresh_vision) and args.lm:
             if args.vision and args.fresh_vision:
                 p.error("give --vision or --fresh-vision, not both")
@@ -923,11 +969,9 @@ def main(argv=None):
             vision = preset(args.fresh_vision) if args.fresh_vision else args.vision
             plan = from_towers(vision, lm, args.projector, args.seed)
             plan.cfg.template = args.template or write_lm_tokenizer(lm, args.out, plan.cfg.image_token_id)
-            print(plan.write(args.out, dtype))
+            print(plan.write(args.out, dtype, args.quantize))
         else:
             p.error("give --vision (or --fresh-vision) and --lm, or --llava, or --to-hf")
-        if args.quantize:
-            print(quantize_checkpoint(args.out, args.quantize, lm if isinstance(lm, GGUFSource) else None))
     except (OSError, ImportError, KeyError, ValueError, RuntimeError) as err:
         raise SystemExit(f"convert_weights: {err.args[0] if isinstance(err, KeyError) else err}") from None
 

@@ -9,6 +9,7 @@ import pytest
 import torch
 from conftest import VOCAB, convert, llama_config, random_init, rel_err, transformers
 
+import convert_weights
 from model import VLM
 from quantize import Int4Linear
 
@@ -135,14 +136,25 @@ def test_gguf_converts_to_transformers_logits(arch, tied, siglip_dir, tmp_path):
 
 @torch.no_grad()
 @pytest.mark.parametrize("qtype", ["Q4_0", "Q4_1"])
-def test_gguf_q4_blocks_become_int4_layers_exactly(qtype, siglip_dir, tmp_path, capsys):
+def test_gguf_q4_blocks_become_int4_layers_exactly(qtype, siglip_dir, tmp_path, capsys, monkeypatch):
     """--quantize int4 takes a Q4 file's blocks as stored: each Int4Linear dequantizes to exactly the weights the
     plain conversion dequantizes (the gguf package's reading, q/k un-permuted, q/k/v and gate/up stacked). Q4_0's
-    blocks (w = d (q - 8)) are not what rounding the dequantized weights to nearest would give."""
+    blocks (w = d (q - 8)) are not what rounding the dequantized weights to nearest would give. The blocks are
+    copied while the checkpoint is written: those weights are never dequantized."""
     path = write_gguf(tmp_path / "q4.gguf", tiny_llama(), qtype=getattr(gguf.GGMLQuantizationType, qtype))
     convert("--vision", siglip_dir, "--lm", path, "--out", tmp_path / "fp32")
+    dequantized, get = set(), convert_weights.GGUFSource.get
+
+    def recording_get(self, key, meta=False):
+        if not meta:
+            dequantized.add(key)
+        return get(self, key, meta)
+
+    monkeypatch.setattr(convert_weights.GGUFSource, "get", recording_get)
     convert("--vision", siglip_dir, "--lm", path, "--out", tmp_path / "int4", "--quantize", "int4")
     assert "8 of 8 int4 layers are the file's own Q4 blocks" in capsys.readouterr().out
+    assert "token_embd.weight" in dequantized and "output.weight" in dequantized  # the head stays int8
+    assert not [k for k in dequantized if k.startswith("blk.") and "norm" not in k], sorted(dequantized)
     fp32, int4 = VLM.from_pretrained(tmp_path / "fp32"), VLM.from_pretrained(tmp_path / "int4")
     layers = [name for name, m in int4.named_modules() if isinstance(m, Int4Linear)]
     assert len(layers) == 8  # 2 blocks x (qkv, proj, gate_up, down)

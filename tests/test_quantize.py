@@ -3,12 +3,14 @@ references, strict save/load of a quantized checkpoint, quantized greedy decodin
 decode step."""
 
 import copy
+from collections import Counter
 
 import pytest
 import torch
 from conftest import convert, rel_err
 from safetensors.torch import load_file, save_file
 
+import convert_weights
 from model import VLM, preset
 from quantize import (
     Int4Linear,
@@ -195,3 +197,25 @@ def test_convert_weights_quantize_writes_a_checkpoint_that_loads_strictly(siglip
     assert torch.equal(int8.lm.tok_embed.weight, fp32.lm.tok_embed.weight)  # embeddings stay as they were
     ids = torch.randint(3, 100, (1, 12))
     assert rel_err(int8(ids)[0], fp32(ids)[0]) < 0.05  # measured 0.014; a misplaced tensor gives ~1
+
+
+@pytest.mark.parametrize("kind", ["int8", "int4"])
+def test_convert_weights_quantize_streams_each_layer_from_one_read(kind, siglip_dir, llama_dir, tmp_path,
+                                                                    monkeypatch):
+    """--quantize rounds each LM layer while it is written, so a 7B model converts in about one layer of extra
+    RAM: no float model is ever loaded, and each source tensor is read once (not once per stored key: weight,
+    scales, mins)."""
+    def no_loading(*args, **kwargs):
+        raise AssertionError("the converter loaded a whole model")
+
+    reads, get = Counter(), convert_weights.Source.get
+
+    def counting_get(self, key, meta=False):
+        reads[key] += not meta
+        return get(self, key, meta)
+
+    monkeypatch.setattr(VLM, "load_checked", no_loading)  # from_pretrained fills a model through it
+    monkeypatch.setattr(convert_weights.Source, "get", counting_get)
+    convert("--vision", siglip_dir, "--lm", llama_dir, "--out", tmp_path / kind, "--quantize", kind)
+    assert reads["model.layers.1.mlp.gate_proj.weight"] == reads["lm_head.weight"] == 1
+    assert set(reads.values()) == {1}, {k: n for k, n in reads.items() if n != 1}
