@@ -142,6 +142,29 @@ def encode_sample(record: dict, images: list, tokenizer, cfg, template: str, max
     # videos: (V, F, 3, S, S)
 
 
+def ground_pairs(boxes: list, input_ids: list[int], labels: list[int], cfg) -> torch.Tensor:
+    """(N, 2) (query, key) positions for the grounding loss (model.grounding_loss): from the position that
+    predicts each answer's first token to every image token whose patch centre lies in that answer's box (x0, y0,
+    x1, y1 in fractions of the image); to the first token, an attention sink, for an empty box (no such object);
+    none for a None box. One image at base resolution only, so token k is patch k of the tower's grid."""
+    G = cfg.vision.grid
+    if input_ids.count(cfg.image_token_id) != G * G or cfg.grid_pinpoints:
+        raise ValueError(f"grounding needs one image of {G * G} tokens, one per patch, "
+                         f"not {input_ids.count(cfg.image_token_id)}")
+    image = input_ids.index(cfg.image_token_id)
+    starts = [t for t in range(1, len(labels)) if labels[t] != IGNORE and labels[t - 1] == IGNORE]  # answers
+    pairs = []
+    for start, box in zip(starts, boxes, strict=False):  # a cut (max_len) may drop the last answers
+        if box is None:
+            continue
+        keys = [0] if not box else [image + i * G + j for i in range(G) for j in range(G)
+                                    if box[0] <= (j + 0.5) / G < box[2] and box[1] <= (i + 0.5) / G < box[3]]
+        if not keys:
+            raise ValueError(f"no patch of the tower's {G}x{G} grid has its centre in the box {box}")
+        pairs += [(start - 1, k) for k in keys]
+    return torch.tensor(pairs, dtype=torch.long).view(-1, 2)
+
+
 def media_tokens(cfg, media: list[str] | None, images: list, videos: list) -> tuple[list[int], list[int]]:
     """(placeholder count, placeholder id) for each tag in text order: media lists the tags' kinds ("image",
     "video"; None: the images, then the videos), images are PIL images, videos lists of frames."""
@@ -405,12 +428,16 @@ def collate(samples: list, pad_id: int, pack_len: int | None = None) -> dict:
     input_ids = torch.full((R, T), pad_id, dtype=torch.long)
     labels = torch.full((R, T), IGNORE, dtype=torch.long)
     segment_ids = torch.full((R, T), -1, dtype=torch.long)
+    grounds = []  # each sample's (row, query, key) grounding pairs, where the sample sits in the batch
     for r, row in enumerate(rows):
         start = 0
         for segment, i in enumerate(row):
             end = start + lengths[i]
             input_ids[r, start:end], labels[r, start:end] = samples[i]["input_ids"], samples[i]["labels"]
             segment_ids[r, start:end] = segment
+            if samples[i].get("ground") is not None:
+                pairs = samples[i]["ground"] + start  # (N, 2)
+                grounds.append(torch.cat([torch.full((len(pairs), 1), r), pairs], dim=1))
             start = end
     order = [samples[i] for row in rows for i in row]
     images = [s["pixel_values"] for s in order if s["pixel_values"] is not None]
@@ -428,6 +455,8 @@ def collate(samples: list, pad_id: int, pack_len: int | None = None) -> dict:
         "image_tiled": torch.cat(tiled) if tiled else None,  # (N,) bool: anyres images cut into tiles
         "videos": torch.cat(videos) if videos else None,  # (V, F, 3, S, S)
         "num_tokens": int((labels != IGNORE).sum()),
+        "ground": torch.cat(grounds) if grounds else None,  # (N, 3): row, query, key (model.grounding_loss)
+        "num_grounds": sum(len(g[:, :2].unique(dim=0)) for g in grounds),  # answers grounded (queries)
         "skipped": skipped,  # record index -> reason
     }
 
@@ -484,6 +513,7 @@ POSITIONS = {  # cell names, row by row; the answer to "where is ...?"
 }
 PHRASES = {"left": "on the left", "right": "on the right", "center": "in the center"}  # the rest: "at the ..."
 CATEGORIES = ("color", "shape", "count", "position", "exists")
+ABSENT = -1  # the cell of the object a question names, when the scene has no such object
 MOVES = {"left": (-1, 0), "right": (1, 0), "up": (0, -1), "down": (0, 1)}  # ShapesWorld clips: (dx, dy) per step
 BACKGROUND = (60, 60, 68)
 
@@ -592,9 +622,10 @@ class ShapesWorld:
                    for o in objects]
         return phrases[0] if len(phrases) == 1 else ", ".join(phrases[:-1]) + " and " + phrases[-1]
 
-    def question(self, objects: list[SceneObject], rng: random.Random) -> tuple[str, str, str]:
-        """(question, answer, category): a category drawn evenly among those the scene allows; existence
-        questions are answered yes half the time."""
+    def question(self, objects: list[SceneObject], rng: random.Random) -> tuple[str, str, str, int | None]:
+        """(question, answer, category, cell): a category drawn evenly among those the scene allows; existence
+        questions are answered yes half the time. cell is the grid cell (row-major) of the one object the
+        question asks about, ABSENT when it names an object the scene lacks, None for a count."""
         shapes, colors = Counter(o.shape for o in objects), Counter(o.color for o in objects)
         unique_shape = [o for o in objects if shapes[o.shape] == 1]  # "the circle" names exactly one object
         unique_color = [o for o in objects if colors[o.color] == 1]
@@ -602,29 +633,32 @@ class ShapesWorld:
         if not allowed:
             raise ValueError(f"this scene allows none of the categories {self.categories}")
         category = rng.choice(allowed)
+        cell = POSITIONS[self.grid].index
         if category == "color":
             o = rng.choice(unique_shape)
-            return f"What color is the {o.shape}?", o.color, category
+            return f"What color is the {o.shape}?", o.color, category, cell(o.position)
         if category == "shape":
             o = rng.choice(unique_color)
-            return f"What shape is the {o.color} object?", o.shape, category
+            return f"What shape is the {o.color} object?", o.shape, category, cell(o.position)
         if category == "count":
-            return "How many objects are there?", str(len(objects)), category
+            return "How many objects are there?", str(len(objects)), category, None
         if category == "position":
             o = rng.choice(objects)
-            return f"Where is the {o.color} {o.shape}?", o.position, category
+            return f"Where is the {o.color} {o.shape}?", o.position, category, cell(o.position)
         present = [(o.color, o.shape) for o in objects]
         absent = [(c, s) for c in self.colors for s in self.shapes if (c, s) not in present]
         if rng.random() < 0.5 or not absent:
-            return "Is there a {} {}?".format(*rng.choice(present)), "yes", category
-        return "Is there a {} {}?".format(*rng.choice(absent)), "no", category
+            o = rng.choice(objects)  # the same draw as from `present`, which lists the objects in order
+            return f"Is there a {o.color} {o.shape}?", "yes", category, cell(o.position)
+        return "Is there a {} {}?".format(*rng.choice(absent)), "no", category, ABSENT
 
-    def conversation(self, objects: list[SceneObject], index: int, task="qa", split="train") -> tuple[list, str]:
-        """(LLaVA conversations, category) about scene `index`, whose objects are given. A train conversation
-        asks `questions` distinct questions in turn, as LLaVA-Instruct does: several answers per image give the
-        language model more supervised tokens for the same image work. The category is the last question's."""
+    def conversation(self, objects: list[SceneObject], index: int, task="qa", split="train") -> tuple[list, str, list]:
+        """(LLaVA conversations, category, cells) about scene `index`, whose objects are given. A train
+        conversation asks `questions` distinct questions in turn, as LLaVA-Instruct does: several answers per image
+        give the language model more supervised tokens for the same image work. The category is the last
+        question's; cells holds, per answer, the cell of the object it is about (see question; None: a caption)."""
         if task == "caption":
-            turns = [("Describe the image.", self.caption(objects), "caption")]
+            turns = [("Describe the image.", self.caption(objects), "caption", None)]
         elif task == "qa":
             rng, turns = self.rng(split, index, "question"), []
             for _ in range(self.questions if split == "train" else 1):
@@ -636,23 +670,27 @@ class ShapesWorld:
         else:
             raise ValueError(f"unknown task {task!r}; choose caption or qa")
         conversations = []
-        for k, (question, answer, _) in enumerate(turns):
+        for k, (question, answer, _, _) in enumerate(turns):
             conversations += [{"from": "human", "value": f"{IMAGE}\n{question}" if k == 0 else question},
                               {"from": "gpt", "value": answer}]
-        return conversations, turns[-1][2]
+        return conversations, turns[-1][2], [t[3] for t in turns]
 
     def record(self, index: int, task="qa", split="train") -> dict:
-        """A LLaVA record with the image in memory: {"id", "image": PIL.Image, "conversations", "category"}; with
+        """A LLaVA record with the image in memory: {"id", "image": PIL.Image, "conversations", "category",
+        "ground": each answer's object as a box (see ground_pairs)}; with
         frames > 0, {"id", "video": [PIL.Image] * frames, "conversations", "category"} (see clip)."""
         if self.frames:
             if task != "qa":
                 raise ValueError(f"ShapesWorld clips (frames={self.frames}) have questions only, no {task} task")
             return self.clip(index, split)
         objects = self.scene(index, split)
-        conversations, category = self.conversation(objects, index, task, split)
+        conversations, category, cells = self.conversation(objects, index, task, split)
         image = self.render(objects, index, split)
+        g = self.grid  # each answer's object as its cell's box, in fractions of the image (None: no one object)
+        boxes = [None if c is None else () if c == ABSENT else
+                 (c % g / g, c // g / g, (c % g + 1) / g, (c // g + 1) / g) for c in cells]
         return {"id": f"shapes-{split}-{index:06d}", "image": image, "conversations": conversations,
-                "category": category}
+                "category": category, "ground": boxes}
 
     def clip(self, index: int, split="train", render=True) -> dict:
         """Scene `index` as a moving-shapes clip: each object drifts half a cell in its own direction over the
@@ -710,18 +748,19 @@ def draw_shape(draw: ImageDraw.ImageDraw, shape: str, x: float, y: float, r: flo
 
 
 class ShapesDataset(Dataset):
-    """ShapesWorld scenes as the same sample dicts LlavaDataset yields: sample i is scene i of the split.
+    """ShapesWorld scenes as the same sample dicts LlavaDataset yields: sample i is scene i of the split. With
+    ground=True each also holds its grounding pairs (ground_pairs), which only ShapesWorld can know.
 
     The train split is a stream: len() is only a bound, so sample it with GlobalBatchSampler(shuffle=False).
     template defaults to plain for captions (pretraining) and vicuna_v1 for questions (finetuning).
     """
 
     def __init__(self, world: ShapesWorld, tokenizer, cfg, task="qa", split="train", size: int | None = None,
-                 template: str | None = None, max_len: int | None = None, image_mode="pad"):
+                 template: str | None = None, max_len: int | None = None, image_mode="pad", ground=False):
         self.world, self.tokenizer, self.cfg, self.task, self.split = world, tokenizer, cfg, task, split
         self.size = size or (world.test_size if split == "test" else 2**31 - 1)
         self.template = template or ("plain" if task == "caption" else "vicuna_v1")
-        self.max_len, self.image_mode = max_len, image_mode
+        self.max_len, self.image_mode, self.ground = max_len, image_mode, ground
 
     def __len__(self):
         return self.size
@@ -729,8 +768,12 @@ class ShapesDataset(Dataset):
     def __getitem__(self, i) -> dict:
         record = self.world.record(i, self.task, self.split)
         images, videos = ([record["image"]], []) if "image" in record else ([], [record["video"]])
-        return encode_sample(record, images, self.tokenizer, self.cfg, self.template, self.max_len, self.image_mode,
-                             videos)
+        sample = encode_sample(record, images, self.tokenizer, self.cfg, self.template, self.max_len, self.image_mode,
+                               videos)
+        if self.ground:  # (N, 2) (query, key) positions for the grounding loss
+            sample["ground"] = ground_pairs(record["ground"], sample["input_ids"].tolist(), sample["labels"].tolist(),
+                                            self.cfg)
+        return sample
 
 
 # ----------------------------------------------------------------------------- export
@@ -745,7 +788,7 @@ def export_shapes(world: ShapesWorld, out_dir, n: int, task="qa", split="train")
         record = world.record(i, task, split)
         image_path = f"images/{split}_{i:06d}.png"  # captions and questions of scene i share the image
         record["image"].save(out_dir / image_path)
-        records.append(record | {"image": image_path})
+        records.append({k: v for k, v in record.items() if k != "ground"} | {"image": image_path})  # LLaVA's keys
     json_path = out_dir / f"{task}_{split}.json"
     json_path.write_text(json.dumps(records, indent=1))
     return json_path

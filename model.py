@@ -187,6 +187,25 @@ def packed_positions_and_mask(segment_ids, flex=False):
     return index - segment_start, (same & causal)[:, None]
 
 
+def grounding_loss(attentions: list, ground) -> torch.Tensor:
+    """-log of the attention head 0 of every layer but the first pays, from the position that predicts an answer,
+    to the image tokens of the object the question asks about (or to the first token when there is none), summed
+    over answers and averaged over those layers. ShapesWorld knows where each object is; telling one head where to
+    look breaks the plateau that content lookup otherwise sits on (issue #9). The first layer is left free: it
+    must first bring the question's words to the answer position.
+
+    attentions: per layer (B, nh, T, S); ground (N, 3): row, query, key; several keys of one query add up.
+    """
+    rows, queries, keys = ground.unbind(1)
+    query, index = torch.unique(rows * ground.new_tensor(attentions[0].size(-1)) + queries, return_inverse=True)
+    total = 0.0
+    for att in attentions[1:]:
+        p = att[rows, 0, queries, keys].float()  # (N,)
+        per_answer = torch.zeros(len(query), device=p.device).index_add(0, index, p)  # (answers,)
+        total = total - per_answer.clamp(min=1e-9).log().sum()
+    return total / max(len(attentions) - 1, 1)
+
+
 @torch.compiler.disable  # FlexAttention's advice: build the BlockMask outside the compiled graph
 def packed_block_mask(segment_ids):
     """The block-diagonal causal rule as a FlexAttention BlockMask over (B, T) segment ids."""
@@ -325,7 +344,7 @@ class VLM(nn.Module):
         return x.masked_scatter(is_video[..., None], features.to(x.dtype))
 
     def forward(self, input_ids, pixel_values=None, labels=None, num_tokens=None, attention_mask=None,
-                segment_ids=None, image_sizes=None, videos=None, image_tiled=None):
+                segment_ids=None, image_sizes=None, videos=None, image_tiled=None, ground=None, ground_weight=0.0):
         """-> (logits, loss). Without labels: logits (B, T, V) and loss None.
 
         attention_mask (B, T) marks real tokens (left padding allowed). segment_ids (B, T) marks packed
@@ -335,24 +354,34 @@ class VLM(nn.Module):
         `num_tokens` (default: this batch's count); pass the global batch's count so gradient accumulation
         and DDP average over the same tokens as one big batch. Only supervised positions reach the LM
         head, so most image and prompt positions never materialise vocab-sized logits.
+        With ground (N, 3) pairs (data.ground_pairs) and ground_weight > 0, the loss adds ground_weight times
+        grounding_loss (a sum: pass the weight divided by the global batch's count of grounded answers).
         """
         x = self.embed(input_ids, pixel_values, image_sizes, videos, image_tiled)
+        grounded = labels is not None and ground is not None and ground_weight > 0
         if segment_ids is not None:
             flex = self.flex_packing if self.flex_packing is not None else x.is_cuda and SDPA_HAS_GQA
-            h = self.lm(x, *packed_positions_and_mask(segment_ids, flex))
+            positions, mask = packed_positions_and_mask(segment_ids, flex and not grounded)
         elif attention_mask is not None:  # left padding: real tokens count positions from 0, padding is never seen
             positions = (attention_mask.long().cumsum(1) - 1).clamp(min=0)
             slots = torch.arange(input_ids.size(1), device=x.device)
-            h = self.lm(x, positions, attention_mask_for(attention_mask.bool(), slots))
+            mask = attention_mask_for(attention_mask.bool(), slots)
         else:
-            h = self.lm(x, torch.arange(input_ids.size(1), device=x.device).expand_as(input_ids))
+            positions, mask = torch.arange(input_ids.size(1), device=x.device).expand_as(input_ids), None
+        if grounded:  # the attention weights, from the plain path
+            h, attentions = self.lm(x, positions, mask, need_weights=True)
+        else:
+            h = self.lm(x, positions, mask)
         if labels is None:
             return self.lm.head(h), None
         targets = labels[:, 1:]  # position t predicts token t + 1
         supervised = targets != IGNORE
         logits = self.lm.head(h[:, :-1][supervised]).float()  # (N_supervised, V)
         loss = F.cross_entropy(logits, targets[supervised], reduction="sum")
-        return None, loss / (num_tokens if num_tokens is not None else supervised.sum().clamp(min=1))
+        loss = loss / (num_tokens if num_tokens is not None else supervised.sum().clamp(min=1))
+        if grounded:
+            loss = loss + ground_weight * grounding_loss(attentions, ground)
+        return None, loss
 
     # ------------------------------------------------------------------------- generation
 

@@ -314,7 +314,12 @@ def build_dataset(args, tokenizer: Tokenizer, model: VLM):
     task = "caption" if args.stage == "pretrain" else "qa"
     world = shapes_world(args, cfg.vision.image_size)
     dataset = ShapesDataset(world, tokenizer, cfg, task, template=args.template, max_len=args.max_len,
-                            image_mode=cfg.image_mode)
+                            image_mode=cfg.image_mode, ground=args.ground > 0)
+    if args.ground:
+        try:
+            dataset[0]
+        except ValueError as err:  # e.g. patches too coarse to tell the world's cells apart
+            raise SystemExit(f"error: --ground: {err}") from None
     if task == "qa" and args.shapes_captions > 0:
         captions = ShapesDataset(world, tokenizer, cfg, "caption", template=args.template, max_len=args.max_len,
                                  image_mode=cfg.image_mode)
@@ -685,7 +690,8 @@ def train(args) -> Path:
         for micro in batches(dataset, num_samples, shuffle, args, d, step, tokenizer.pad_id):
             if step >= args.max_steps:
                 break
-            loss, n_tokens = train_step(train_model, model, micro, optimizer, scaler, autocast, args, d)
+            ground = args.ground * (1 - step / args.max_steps)  # the grounding loss's weight, annealed to 0
+            loss, n_tokens = train_step(train_model, model, micro, optimizer, scaler, autocast, args, d, ground)
             if not math.isfinite(loss):
                 raise SystemExit(f"error: loss is {loss} at step {step + 1}; stopping. The last good checkpoint "
                                  f"is {latest_checkpoint(out) or 'none'}")
@@ -785,14 +791,18 @@ def ignore_stop_signals(worker_id: int | None = None):
         signal.signal(s, signal.SIG_IGN)
 
 
-def train_step(train_model, model: VLM, micro: list[dict], optimizer, scaler, autocast, args, d: Dist):
+def train_step(train_model, model: VLM, micro: list[dict], optimizer, scaler, autocast, args, d: Dist,
+               ground=0.0):
     """One optimizer step over this rank's micro-batches. -> (mean loss per supervised token, tokens seen)
 
     The loss is normalised by the supervised tokens of the whole global batch (all micro-batches, all ranks),
     known before any backward pass. DDP and FSDP average gradients over ranks, so each rank scales its loss by
-    the world size: the sum is then exactly the one-big-batch gradient.
+    the world size: the sum is then exactly the one-big-batch gradient. ground weighs the grounding loss, per
+    grounded answer of the global batch.
     """
     global_tokens = max(all_reduce_sum(sum(b["num_tokens"] for b in micro), d), 1.0)
+    if ground:
+        ground = ground * d.world_size / max(all_reduce_sum(sum(b["num_grounds"] for b in micro), d), 1.0)
     loss_sum = 0.0
     for i, batch in enumerate(micro):
         last = i == len(micro) - 1
@@ -808,7 +818,9 @@ def train_step(train_model, model: VLM, micro: list[dict], optimizer, scaler, au
                                       segment_ids=segment_ids.to(d.device) if segment_ids is not None else None,
                                       image_sizes=batch["image_sizes"],  # anyres: each image's (h, w)
                                       image_tiled=batch["image_tiled"],  # anyres: which images were tiled
-                                      videos=batch["videos"].to(d.device) if batch["videos"] is not None else None)
+                                      videos=batch["videos"].to(d.device) if batch["videos"] is not None else None,
+                                      ground=batch["ground"].to(d.device) if batch["ground"] is not None else None,
+                                      ground_weight=ground)
             scaler.scale(loss).backward()
         loss_sum += loss.item() / d.world_size
     loss = all_reduce_sum(loss_sum, d)
@@ -921,6 +933,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--max-steps", type=int, help="optimizer steps (ShapesWorld default: the main job's)")
     g.add_argument("--batch-size", type=int, default=16, help="micro-batch per process")
     g.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
+    g.add_argument("--ground", type=float, default=0.0, metavar="WEIGHT",
+                   help="ShapesWorld finetune: add WEIGHT x model.grounding_loss, annealed linearly to 0 by the last "
+                        "step, which tells one attention head per layer where the object each answer is about lies "
+                        "(the main job: 1; issue #9)")
     g.add_argument("--shapes-captions", type=float, default=0.0, help="ShapesWorld finetune: share of samples "
                    "that are captions instead of questions (dense supervision of every object)")
     g.add_argument("--workers", type=int, default=0, help="DataLoader worker processes (0: load in the main one)")
@@ -962,6 +978,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.frames < 1:
         p.error("--frames must be at least 1")
+    if args.ground < 0 or args.ground and (args.data or args.grad_checkpointing or args.stage == "pretrain"):
+        p.error("--ground needs a ShapesWorld finetune (it knows where each object is), a weight >= 0 and no "
+                "--grad-checkpointing (which keeps no attention weights)")
     args.model_sets, args.world_sets = parse_sets(args.set)
     for key, value in args.model_sets.items():  # unknown fields fail now, not after the tokenizer is trained
         with contextlib.suppress(ValueError, TypeError):  # values are checked against the chosen preset later

@@ -354,7 +354,7 @@ def test_shapes_world_answers_and_pictures_agree_with_the_scene(world):
     for i in range(400):
         objects = world.scene(i)
         assert 1 <= len(objects) <= 4 and len({(o.color, o.shape) for o in objects}) == len(objects)
-        conversations, category = world.conversation(objects, i)
+        conversations, category, _ = world.conversation(objects, i)
         question = conversations[0]["value"].removeprefix("<image>\n")
         answer = conversations[1]["value"]
         assert answer == answer_from_scene(question, objects, world.grid), (i, question)
@@ -371,6 +371,68 @@ def test_shapes_world_answers_and_pictures_agree_with_the_scene(world):
     assert set(categories) == {"color", "shape", "count", "position", "exists"}
     assert min(categories.values()) > 0.12 * 400
     assert 0.4 < yes["yes"] / categories["exists"] < 0.6
+
+
+def asked_object(question: str, objects: list):
+    """The object a ShapesWorld question is about, read from its words: None for a count or an absent object."""
+    words = question.rstrip("?").split()
+    if question.startswith("How many"):
+        return None
+    if question.startswith("What color"):
+        return next(o for o in objects if o.shape == words[-1])
+    if question.startswith("What shape"):
+        return next(o for o in objects if o.color == words[-2])
+    return next((o for o in objects if (o.color, o.shape) == (words[-2], words[-1])), None)
+
+
+@pytest.mark.parametrize("patch", [16, 8])
+def test_grounding_points_each_answer_at_the_image_tokens_of_its_object(tok, patch):
+    """From the position that predicts each answer's first token to the tokens of the patches in the asked
+    object's cell (the first token when no object fits); none for a count. Packing keeps each pair on its tokens."""
+    vision = ViTConfig(image_size=48, patch_size=patch, width=32, depth=1, heads=2, mlp_dim=64)
+    G = vision.grid
+    cfg = SimpleNamespace(image_token_id=tok.vocab_size, vision=vision, grid_pinpoints=[],
+                          image_tokens=lambda size=None, tiled=True: G * G, tiles=lambda num_images: False)
+    world = ShapesWorld(image_size=48, questions=3)
+    data = ShapesDataset(world, tok, cfg, task="qa", ground=True)
+    kinds, samples = Counter(), [data[i] for i in range(40)]
+    for i, sample in enumerate(samples):
+        objects, turns = world.scene(i), world.record(i)["conversations"]
+        labels, image = sample["labels"], sample["input_ids"].tolist().index(tok.vocab_size)
+        keys = {}  # query -> keys
+        for q, k in sample["ground"].tolist():
+            keys.setdefault(q, []).append(k)
+        asked = [(asked_object(t["value"].removeprefix("<image>\n"), objects), a["value"])
+                 for t, a in zip(turns[0::2], turns[1::2], strict=True)]
+        grounded = [(o, answer) for o, answer in asked if not answer.isdigit()]  # a count has no one object
+        assert len(keys) == len(grounded)
+        for (q, ks), (o, answer) in zip(sorted(keys.items()), grounded, strict=True):
+            end = next((t for t in range(q + 1, len(labels)) if labels[t] == IGNORE), len(labels))
+            assert labels[q] == IGNORE and tok.decode(labels[q + 1 : end]).strip() == answer  # q predicts it
+            if o is None:  # "Is there a ...?" "no": the first token, a sink
+                assert ks == [0] and answer == "no"
+                kinds["absent"] += 1
+                continue
+            cells = {int((k - image) // G * 48 / G // 16) * 3 + int((k - image) % G * 48 / G // 16) for k in ks}
+            assert cells == {POSITIONS[3].index(o.position)} and len(ks) == (G // 3) ** 2
+            kinds["object"] += 1
+    assert kinds["absent"] > 5 and kinds["object"] > 50
+    for pack_len in (None, 256):
+        batch = collate(samples, tok.pad_id, pack_len)
+        rows, queries, keys = batch["ground"].unbind(1)
+        assert (batch["labels"][rows, queries] == IGNORE).all() and (batch["labels"][rows, queries + 1] != IGNORE).all()
+        on_image = batch["input_ids"][rows, keys] == tok.vocab_size
+        starts = keys == 0  # a sample's first token: a row's, or where a packed segment begins
+        if pack_len:
+            segments = batch["segment_ids"]
+            starts |= segments[rows, keys] != segments[rows, (keys - 1).clamp(min=0)]
+        assert (on_image | starts).all() and (~on_image).sum() == kinds["absent"]
+        assert batch["num_grounds"] == kinds["absent"] + kinds["object"]
+    coarse = SimpleNamespace(**vars(cfg) | {"vision": ViTConfig(image_size=48, patch_size=24, width=32, depth=1,
+                                                                heads=2, mlp_dim=64), "image_tokens": lambda *a: 4})
+    with pytest.raises(ValueError, match=r"no patch of the tower's 2x2 grid has its centre in the box \(0.33"):
+        for i in range(40):  # 2x2 patches cannot ground the middle column of a 3x3 world
+            ShapesDataset(world, tok, coarse, task="qa", ground=True)[i]
 
 
 def test_shapes_world_defaults_and_validation():
@@ -394,7 +456,7 @@ def test_shapes_dataset_yields_llava_samples(tok, cfg):
     torch.testing.assert_close(sample["pixel_values"], preprocess(record["image"], VISION)[None])
     qa = ShapesDataset(world, tok, cfg, task="qa", split="test")
     assert len(qa) == world.test_size
-    conversations, _ = world.conversation(world.scene(3, "test"), 3, split="test")
+    conversations, _, _ = world.conversation(world.scene(3, "test"), 3, split="test")
     assert tok.decode(qa[3]["labels"][qa[3]["labels"] != IGNORE]) == conversations[1]["value"]
     assert build_prompt(conversations[:1]).endswith("ASSISTANT:")
     words = " ".join(world.texts(50))
