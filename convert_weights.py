@@ -12,6 +12,7 @@ about one tensor of extra RAM, not two copies of the model.
 """
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import math
@@ -42,8 +43,8 @@ class Source:
         self.where: dict[str, Path] = {}
         self.opened: dict[Path, object] = {}
         for path in files:
-            for key in self._open(path).keys():
-                self.where[key] = path
+            with self._open(path) as f:
+                self.where |= dict.fromkeys(f.keys(), path)
 
     @classmethod
     def from_dir(cls, directory: Path, exclude=()) -> "Source":
@@ -58,12 +59,14 @@ class Source:
         return cls(files)
 
     def _open(self, path: Path):
+        """A context giving a .bin file's tensors (loaded once, memory-mapped), or a safetensors handle for one read:
+        while a handle is open, every page read through its memory map stays resident, so RSS would grow with the
+        model however little of it is held."""
+        if path.suffix == ".safetensors":
+            return safe_open(path, framework="pt")
         if path not in self.opened:
-            if path.suffix == ".safetensors":
-                self.opened[path] = safe_open(path, framework="pt")
-            else:
-                self.opened[path] = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        return self.opened[path]
+            self.opened[path] = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        return contextlib.nullcontext(self.opened[path])
 
     def keys(self):
         return self.where.keys()
@@ -72,14 +75,14 @@ class Source:
         """The tensor, or with meta=True an empty stand-in of the same shape and dtype (reads no data)."""
         if key not in self.where:
             raise KeyError(f"tensor '{key}' not found in the checkpoint")
-        f = self._open(self.where[key])
-        if isinstance(f, dict):
-            t = f[key]
-            return torch.empty(t.shape, dtype=t.dtype, device="meta") if meta else t
-        if meta:
-            sl = f.get_slice(key)
-            return torch.empty(sl.get_shape(), dtype=SAFETENSORS_DTYPES[sl.get_dtype()], device="meta")
-        return f.get_tensor(key)
+        with self._open(self.where[key]) as f:
+            if isinstance(f, dict):
+                t = f[key]
+                return torch.empty(t.shape, dtype=t.dtype, device="meta") if meta else t
+            if meta:
+                sl = f.get_slice(key)
+                return torch.empty(sl.get_shape(), dtype=SAFETENSORS_DTYPES[sl.get_dtype()], device="meta")
+            return f.get_tensor(key)
 
 
 SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,

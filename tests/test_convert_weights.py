@@ -223,3 +223,15 @@ def test_hf_lm_refuses_a_tokenizer_larger_than_its_embedding_table(clip_dir, lla
     assert r.returncode != 0 and "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1
     assert f"{lm / 'tokenizer.json'}: {VOCAB + 5} tokens, but the model's embedding table has only {VOCAB} rows" \
         in r.stderr
+
+
+@pytest.mark.skipif(not Path("/proc/self/maps").is_file(), reason="needs Linux's /proc/self/maps")
+def test_source_keeps_no_safetensors_file_mapped_between_reads(llama_dir):
+    """A safetensors handle left open keeps every page read through its memory map resident: converting a 7B
+    model would then show its whole size in RSS. The Source opens the file for each read, and the tensor it gives
+    is the only thing that maps its pages."""
+    import convert_weights
+
+    src = convert_weights.Source.from_dir(llama_dir)
+    assert src.get("model.embed_tokens.weight").shape == (VOCAB, 64)  # read, then dropped
+    assert str(llama_dir / "model.safetensors") not in Path("/proc/self/maps").read_text()
