@@ -639,8 +639,8 @@ class Plan:
     def quantize(self, kind: str) -> str:
         """Store the LM's linear layers as `kind` (quantize.py), as VLM.quantize would make them, but layer by
         layer while writing: each layer's float weight is made once, rounded, and dropped, so the float model is
-        never built and converting a 7B model needs about one layer of extra RAM. For int4, a layer whose GGUF
-        parts are all Q4_0/Q4_1 takes the file's blocks as stored. Returns a note for the user."""
+        never built and the peak RAM is a few copies of the largest tensor, not the model (docs/perf.md). For int4,
+        a layer whose GGUF parts are all Q4_0/Q4_1 takes the file's blocks as stored. Returns a note for the user."""
         self.set_config(dataclasses.replace(self.cfg, quantize=kind))  # the config records it: loads strictly
         int4 = taken = 0
         for name, layer in self.model.named_modules():
