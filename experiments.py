@@ -59,11 +59,13 @@ SWEEPS = {
     },
 }
 
+UNGROUNDED = ["--ground", "0"]  # the main job's finetune without its grounding loss: every result before it
 PLAIN_TINY = ["vision.patch_size=8", "vision.depth=1", "lm.conv_kernel=0", "lm.qk_norm=false"]  # the tiny preset
 
 # The binding sweep: each variant finetunes the same caption-pretrained model (see binding_sweep). "lm" sets
 # LlamaConfig levers (new tensors start at their init: a Canon conv at zero is the identity), "sets" are train.py
-# --set items for ShapesWorld, "flags" replace the main job's finetune flags (argparse: the last one wins).
+# --set items for ShapesWorld, "flags" replace the main job's finetune flags (argparse: the last one wins); without
+# "flags", a variant finetunes UNGROUNDED, as every variant did before the grounding loss joined the main job.
 BINDING = {
     "baseline": {},
     "canon k3": {"lm": {"conv_kernel": 3}},
@@ -83,6 +85,10 @@ BINDING = {
     "scratch: canon k3 + qk-norm": {"scratch": PLAIN_TINY + ["lm.conv_kernel=3", "lm.qk_norm=true"]},
     "scratch: 16 px ViT depth 0 + canon k3 + qk-norm (the main job)": {"scratch": PLAIN_TINY + [
         "vision.patch_size=16", "vision.depth=0", "lm.conv_kernel=3", "lm.qk_norm=true"]},
+    # The main job finetuned with the grounding loss (model.grounding_loss, train.py --ground).
+    "scratch: the main job + grounding": {
+        "scratch": PLAIN_TINY + ["vision.patch_size=16", "vision.depth=0", "lm.conv_kernel=3", "lm.qk_norm=true"],
+        "flags": ["--ground", "1"]},
 }
 
 # The pretrained-LM control: does an LM that already knows retrieval bind? --control-lm (SmolLM2-135M-Instruct)
@@ -114,9 +120,10 @@ def stage_steps(budget_minutes: float, runs: int) -> dict:
 
 
 def run_variant(sets: list[str], out: Path, steps: dict, eval_samples: int) -> dict:
-    """Train both stages with the main job's flags (but `steps`) and these --set items; score held-out."""
+    """Train both stages with the main job's flags (but `steps`, and without grounding, as these sweeps were run
+    before it) and these --set items; score held-out."""
     t0 = time.time()
-    ckpt = train_both(sets, out, steps)
+    ckpt = train_both(sets, out, steps, UNGROUNDED)
     minutes = (time.time() - t0) / 60
     normal, blind = shapes_scores(ckpt, eval_samples)
     cfg = json.loads((ckpt / "config.json").read_text())
@@ -125,12 +132,14 @@ def run_variant(sets: list[str], out: Path, steps: dict, eval_samples: int) -> d
             "train_minutes": minutes, "by_category": {k: c / t for k, (c, t) in normal["by_category"].items()}}
 
 
-def train_both(sets: list[str], out: Path, steps: dict) -> Path:
-    """Both stages from scratch with the main job's flags (but `steps`) and these --set items. -> the finetune."""
+def train_both(sets: list[str], out: Path, steps: dict, finetune_flags: list[str]) -> Path:
+    """Both stages from scratch with the main job's flags (but `steps`, and finetune_flags on top) and these --set
+    items. -> the finetune."""
     flags = [f"--set={item}" for item in sets] + ["--save-every", "100000", "--keep", "1", "--eval-every", "0"]
     ckpt = None
     for stage in ("pretrain", "finetune"):
         args = train.MAIN_JOB[stage] + ["--max-steps", str(steps[stage])]  # argparse: the last one wins
+        args += finetune_flags if stage == "finetune" else []
         init = [] if ckpt is None else ["--init", str(ckpt)]
         ckpt = train.train(train.parse_args(["--stage", stage] + args + init + flags + ["--out", str(out / stage)]))
     return ckpt
@@ -187,6 +196,7 @@ def binding_sweep(work: Path, steps: dict, eval_samples: int, names: list[str], 
         wanted = control if variant.get("control") else settings
         if "scratch" in variant:
             wanted = {"scratch": variant["scratch"], "steps": scratch_steps, "eval_samples": scratch_eval}
+            wanted |= {"flags": variant["flags"]} if "flags" in variant else {}
         if (row := cached_row(run, wanted)) is not None:
             rows[name] = row
             continue
@@ -200,10 +210,11 @@ def binding_sweep(work: Path, steps: dict, eval_samples: int, names: list[str], 
         if variant.get("control"):
             ckpt = train_control(control_lm, run, control_steps, flags)
         elif "scratch" in variant:
-            ckpt = train_both(variant["scratch"], run, scratch_steps)
+            ckpt = train_both(variant["scratch"], run, scratch_steps, variant.get("flags", UNGROUNDED))
         else:
             init = with_levers(pretrain, variant.get("lm", {}), run / "init")
-            args = (train.MAIN_JOB["finetune"] + ["--max-steps", str(steps["finetune"])] + variant.get("flags", [])
+            args = (train.MAIN_JOB["finetune"] + ["--max-steps", str(steps["finetune"])] + UNGROUNDED
+                    + variant.get("flags", [])
                     + [f"--set={item}" for item in variant.get("sets", [])] + flags)
             ckpt = train.train(train.parse_args(["--stage", "finetune", "--init", str(init), "--out",
                                                  str(run / "ft")] + args))
@@ -212,7 +223,8 @@ def binding_sweep(work: Path, steps: dict, eval_samples: int, names: list[str], 
         if "scratch" in variant:
             rows[name]["scratch"] = (f"{scratch_steps['pretrain']} caption + {scratch_steps['finetune']} question "
                                      f"steps from scratch, {scratch_eval} held-out questions"
-                                     + "".join(f", --set {item}" for item in variant["scratch"]))
+                                     + "".join(f", --set {item}" for item in variant["scratch"])
+                                     + (f", finetune {' '.join(variant['flags'])}" if "flags" in variant else ""))
         if variant.get("control"):
             rows[name]["budget"] = (f"{control_steps['pretrain']} caption + {control_steps['finetune']} question "
                                     f"steps of batch 16, from {Path(control_lm).name}")
