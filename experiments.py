@@ -83,10 +83,10 @@ BINDING = {
     "scratch: 16 px conv stem ViT depth 0": {"scratch": PLAIN_TINY + ["vision.patch_size=16", "vision.depth=0",
                                                                       "vision.conv_stem=[24,48,96,192]"]},
     "scratch: canon k3 + qk-norm": {"scratch": PLAIN_TINY + ["lm.conv_kernel=3", "lm.qk_norm=true"]},
-    "scratch: 16 px ViT depth 0 + canon k3 + qk-norm (the main job)": {"scratch": PLAIN_TINY + [
+    "scratch: 16 px ViT depth 0 + canon k3 + qk-norm": {"scratch": PLAIN_TINY + [
         "vision.patch_size=16", "vision.depth=0", "lm.conv_kernel=3", "lm.qk_norm=true"]},
-    # The main job finetuned with the grounding loss (model.grounding_loss, train.py --ground).
-    "scratch: the main job + grounding": {
+    # The same model finetuned with the grounding loss (model.grounding_loss, train.py --ground): the main job.
+    "scratch: 16 px ViT depth 0 + canon k3 + qk-norm + grounding (the main job)": {
         "scratch": PLAIN_TINY + ["vision.patch_size=16", "vision.depth=0", "lm.conv_kernel=3", "lm.qk_norm=true"],
         "flags": ["--ground", "1"]},
 }
