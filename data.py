@@ -154,7 +154,7 @@ def ground_pairs(boxes: list, input_ids: list[int], labels: list[int], cfg) -> t
     image = input_ids.index(cfg.image_token_id)
     starts = [t for t in range(1, len(labels)) if labels[t] != IGNORE and labels[t - 1] == IGNORE]  # answers
     pairs = []
-    for start, box in zip(starts, boxes, strict=False):  # a cut (max_len) may drop the last answers
+    for start, box in zip(starts, boxes[: len(starts)], strict=True):  # a cut (max_len) may drop the last answers
         if box is None:
             continue
         keys = [0] if not box else [image + i * G + j for i in range(G) for j in range(G)

@@ -191,8 +191,8 @@ def grounding_loss(attentions: list, ground) -> torch.Tensor:
     """-log of the attention head 0 of every layer but the first pays, from the position that predicts an answer,
     to the image tokens of the object the question asks about (or to the first token when there is none), summed
     over answers and averaged over those layers. ShapesWorld knows where each object is; telling one head where to
-    look breaks the plateau that content lookup otherwise sits on (issue #9). The first layer is left free: it
-    must first bring the question's words to the answer position.
+    look gives content lookup a direct signal (issue #9: the main job gained with it in every seed tried). The
+    first layer is left free: it must first bring the question's words to the answer position.
 
     attentions: per layer (B, nh, T, S); ground (N, 3): row, query, key; several keys of one query add up.
     """

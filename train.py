@@ -55,8 +55,8 @@ MAIN_JOB = {
                  "0.05", "--set", "vision.patch_size=16", "--set", "vision.depth=0", "--set", "lm.conv_kernel=3",
                  "--set", "lm.qk_norm=true"],
     # A greedy score of 100 held-out questions every 100 steps draws learning_curve.png (~1 CPU-s each). The
-    # grounding loss tells one head per layer where the asked object is (model.grounding_loss): three main jobs
-    # with it gave 0.849 / 0.642 / 0.785 (seeds 1337, 1, 2), without it 0.733 / 0.599 (seeds 1337, 1; issue #9).
+    # grounding loss tells one head per layer where the asked object is (model.grounding_loss): one-thread main
+    # jobs with it gave 0.849 / 0.642 / 0.785 (seeds 1337, 1, 2), without it 0.733 / 0.599 / 0.656 (issue #9).
     "finetune": ["--max-steps", "1000", "--batch-size", "32", "--lr", "1e-3", "--warmup-ratio", "0.05",
                  "--eval-every", "100", "--eval-samples", "100", "--ground", "1"],
 }
