@@ -61,6 +61,8 @@ SWEEPS = {
 
 UNGROUNDED = ["--ground", "0"]  # the main job's finetune without its grounding loss: every result before it
 PLAIN_TINY = ["vision.patch_size=8", "vision.depth=1", "lm.conv_kernel=0", "lm.qk_norm=false"]  # the tiny preset
+# The main job's model (train.MAIN_JOB["pretrain"]'s --set items), named in full on top of the preset.
+MAIN_JOB_MODEL = PLAIN_TINY + ["vision.patch_size=16", "vision.depth=0", "lm.conv_kernel=3", "lm.qk_norm=true"]
 
 # The binding sweep: each variant finetunes the same caption-pretrained model (see binding_sweep). "lm" sets
 # LlamaConfig levers (new tensors start at their init: a Canon conv at zero is the identity), "sets" are train.py
@@ -83,12 +85,10 @@ BINDING = {
     "scratch: 16 px conv stem ViT depth 0": {"scratch": PLAIN_TINY + ["vision.patch_size=16", "vision.depth=0",
                                                                       "vision.conv_stem=[24,48,96,192]"]},
     "scratch: canon k3 + qk-norm": {"scratch": PLAIN_TINY + ["lm.conv_kernel=3", "lm.qk_norm=true"]},
-    "scratch: 16 px ViT depth 0 + canon k3 + qk-norm": {"scratch": PLAIN_TINY + [
-        "vision.patch_size=16", "vision.depth=0", "lm.conv_kernel=3", "lm.qk_norm=true"]},
+    "scratch: 16 px ViT depth 0 + canon k3 + qk-norm": {"scratch": MAIN_JOB_MODEL},
     # The same model finetuned with the grounding loss (model.grounding_loss, train.py --ground): the main job.
     "scratch: 16 px ViT depth 0 + canon k3 + qk-norm + grounding (the main job)": {
-        "scratch": PLAIN_TINY + ["vision.patch_size=16", "vision.depth=0", "lm.conv_kernel=3", "lm.qk_norm=true"],
-        "flags": ["--ground", "1"]},
+        "scratch": MAIN_JOB_MODEL, "flags": ["--ground", "1"]},
 }
 
 # The pretrained-LM control: does an LM that already knows retrieval bind? --control-lm (SmolLM2-135M-Instruct)
