@@ -206,7 +206,9 @@ def init_model(args, out: Path, d: Dist) -> tuple[VLM, Path, dict]:
     except (FileNotFoundError, ValueError, KeyError, SafetensorError) as err:  # a truncated file: SafetensorError
         where = f"{init / 'model.safetensors'}: " if isinstance(err, SafetensorError) else ""
         raise SystemExit(f"error: --init {args.init}: {where}{err}") from None
-    if configure(model.cfg, args.model_sets) != model.cfg:  # the main job's finetune repeats pretrain's --set
+    # The main job's finetune repeats pretrain's --set; compared as JSON, where a --set list (a tuple) and the
+    # checkpoint's list are equal
+    if json.dumps(configure(model.cfg, args.model_sets).to_dict()) != json.dumps(model.cfg.to_dict()):
         raise SystemExit(f"error: --set {' '.join(args.model_sets)}: a checkpoint's model keeps its config; "
                          "model fields can only be set with a preset --init")
     info = json.loads((init / "training.json").read_text()) if (init / "training.json").is_file() else {}

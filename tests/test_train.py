@@ -255,13 +255,15 @@ def test_lora_finetune_changes_only_adapters_and_projector(micro_dir, tmp_path):
 def test_set_overrides_preset_fields_and_shapes_world(tmp_path):
     out = tmp_path / "pre"
     run_train("--stage", "pretrain", "--init", "tiny", "--max-steps", 1, "--batch-size", 2, "--out", out,
-              "--set", "vision.patch_size=16", "--set", "projector.kind=linear", "--set", "world.questions=2")
+              "--set", "vision.patch_size=16", "--set", "projector.kind=linear", "--set", "world.questions=2",
+              "--set", "grid_pinpoints=[[96,96]]")
     cfg = VLM.from_pretrained(out).cfg
     assert (cfg.vision.patch_size, cfg.projector.kind, cfg.num_image_tokens) == (16, "linear", 9)
     assert json.loads((out / "training.json").read_text())["shapes_world"]["questions"] == 2
-    # The same model fields are accepted from a checkpoint (the main job repeats them); different ones are not
+    # The same model fields are accepted from a checkpoint (the main job repeats them; a list as a list); different
+    # ones are not
     common = ["--stage", "finetune", "--init", out, "--max-steps", 1, "--batch-size", 2]
-    run_train(*common, "--out", tmp_path / "ft", "--set", "vision.patch_size=16")
+    run_train(*common, "--out", tmp_path / "ft", "--set", "vision.patch_size=16", "--set", "grid_pinpoints=[[96,96]]")
     with pytest.raises(SystemExit, match="a checkpoint's model keeps its config"):
         run_train(*common, "--out", tmp_path / "ft2", "--set", "vision.patch_size=8")
     for bad, message in [("visoin.patch_size=8", "VLMConfig has no field 'visoin'"), ("lm.dim", "expected KEY=VALUE"),
