@@ -616,10 +616,14 @@ class ShapesWorld:
         background = np.logical_and.reduce([pixels[..., c] == v for c, v in enumerate(BACKGROUND)])[..., None]
         return Image.fromarray((pixels + background * noise).round().clip(0, 255).astype(np.uint8))
 
-    def caption(self, objects: list[SceneObject]) -> str:
-        """"a large red circle at the top left and a small blue square in the center"."""
+    def caption(self, objects: list[SceneObject], moves: list[str] | None = None, late: int | None = None) -> str:
+        """"a large red circle at the top left and a small blue square in the center". A clip's caption says
+        where each object moves and names the one that appears last at the end ("... and then a small blue
+        square at the bottom right moving up"), so the caption stage teaches what its questions ask."""
         phrases = [f"a {o.size} {o.color} {o.shape} {PHRASES.get(o.position, 'at the ' + o.position)}"
-                   for o in objects]
+                   + (f" moving {moves[k]}" if moves else "") for k, o in enumerate(objects)]
+        if late is not None and len(phrases) > 1:
+            phrases.append("then " + phrases.pop(late))
         return phrases[0] if len(phrases) == 1 else ", ".join(phrases[:-1]) + " and " + phrases[-1]
 
     def question(self, objects: list[SceneObject], rng: random.Random) -> tuple[str, str, str, int | None]:
@@ -680,9 +684,7 @@ class ShapesWorld:
         "ground": each answer's object as a box (see ground_pairs)}; with
         frames > 0, {"id", "video": [PIL.Image] * frames, "conversations", "category"} (see clip)."""
         if self.frames:
-            if task != "qa":
-                raise ValueError(f"ShapesWorld clips (frames={self.frames}) have questions only, no {task} task")
-            return self.clip(index, split)
+            return self.clip(index, split, task=task)
         objects = self.scene(index, split)
         conversations, category, cells = self.conversation(objects, index, task, split)
         image = self.render(objects, index, split)
@@ -692,10 +694,11 @@ class ShapesWorld:
         return {"id": f"shapes-{split}-{index:06d}", "image": image, "conversations": conversations,
                 "category": category, "ground": boxes}
 
-    def clip(self, index: int, split="train", render=True) -> dict:
+    def clip(self, index: int, split="train", render=True, task="qa") -> dict:
         """Scene `index` as a moving-shapes clip: each object drifts half a cell in its own direction over the
         frames, and one object, the last to appear, enters at a random later frame. One question, either the
-        drift of an object named by colour and shape, or which object appears last (category "motion"/"last")."""
+        drift of an object named by colour and shape, or which object appears last (category "motion"/"last"),
+        or for task "caption" the clip's caption."""
         rng, F = self.rng(split, index, "motion"), self.frames
         objects, step = self.scene(index, split), self.image_size / self.grid / 2 / max(F - 1, 1)
         moves = [rng.choice(tuple(MOVES)) for _ in objects]
@@ -706,7 +709,11 @@ class ShapesWorld:
             shown = [dataclasses.replace(o, x=o.x + MOVES[m][0] * step * shift, y=o.y + MOVES[m][1] * step * shift)
                      for k, (o, m) in enumerate(zip(objects, moves, strict=True)) if k != late or t >= enters]
             video.append(self.render(shown, index, split))
-        if len(objects) > 1 and rng.random() < 0.5:
+        if task not in ("qa", "caption"):
+            raise ValueError(f"unknown task {task!r}; choose caption or qa")
+        if task == "caption":
+            question, answer, category = "Describe the video.", self.caption(objects, moves, late), "caption"
+        elif len(objects) > 1 and rng.random() < 0.5:
             o = objects[late]
             question, answer, category = "Which object appears last?", f"{o.color} {o.shape}", "last"
         else:
@@ -720,7 +727,8 @@ class ShapesWorld:
     def texts(self, n: int) -> list[str]:
         """Tokenizer-training text: the caption and the question of the first n train scenes, as prompts."""
         if self.frames:
-            return [corpus_text(self.clip(i, render=False)["conversations"]) for i in range(n)]
+            return [corpus_text(self.clip(i, render=False, task=task)["conversations"]) for i in range(n)
+                    for task in ("caption", "qa")]
         scenes = [self.scene(i) for i in range(n)]
         return [corpus_text(self.conversation(scenes[i], i, task)[0]) for i in range(n) for task in ("caption", "qa")]
 

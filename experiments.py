@@ -132,10 +132,11 @@ def run_variant(sets: list[str], out: Path, steps: dict, eval_samples: int) -> d
             "train_minutes": minutes, "by_category": {k: c / t for k, (c, t) in normal["by_category"].items()}}
 
 
-def train_both(sets: list[str], out: Path, steps: dict, finetune_flags: list[str]) -> Path:
-    """Both stages from scratch with the main job's flags (but `steps`, and finetune_flags on top) and these --set
-    items. -> the finetune."""
-    flags = [f"--set={item}" for item in sets] + ["--save-every", "100000", "--keep", "1", "--eval-every", "0"]
+def train_both(sets: list[str], out: Path, steps: dict, finetune_flags: list[str], flags=()) -> Path:
+    """Both stages from scratch with the main job's flags (but `steps`, finetune_flags on the finetune's, `flags` on
+    both) and these --set items. -> the finetune."""
+    flags = [f"--set={item}" for item in sets] + ["--save-every", "100000", "--keep", "1", "--eval-every", "0",
+                                                  *flags]
     ckpt = None
     for stage in ("pretrain", "finetune"):
         args = train.MAIN_JOB[stage] + ["--max-steps", str(steps[stage])]  # argparse: the last one wins
@@ -284,74 +285,86 @@ def write_results(sweep: str, rows: dict, steps: dict, eval_samples: int, comman
                   out / f"{sweep}_categories.png", [(c, c) for c in categories])
 
 
-# High resolution and video (issue #14): each variant finetunes the tiny model from scratch on questions only (no
-# caption stage: these one-object tasks need none), MEDIA_STEPS steps of batch 16 with a 2-layer LM. "anyres" draws
-# 64 px scenes whose objects shrink to a few pixels once squashed to the 32 px tower; tiles see them at full size.
-MEDIA_STEPS = 800
-MEDIA_FLAGS = ["--init", "tiny", "--batch-size", "16", "--lr", "1e-3", "--warmup-ratio", "0.05", "--save-every",
-               "100000", "--keep", "1", "--eval-every", "0", "--set=lm.n_layers=2"]
-SMALL_OBJECTS = ["vision.image_size=32", "world.image_size=64", "world.grid=2", "world.max_objects=1",
-                 "world.object_scale=0.3", 'world.categories=["shape","color","exists"]']
+# High resolution and video (issue #14): each variant is the main job's recipe on its own world, from scratch:
+# MEDIA_STEPS caption steps (a clip's caption says where each object moves and which appears last), then question
+# steps, with the main job's model and flags but no grounding loss; once per MEDIA_SEEDS seed, since runs of one
+# recipe spread with the seed (binding.md). "anyres" draws 96 px scenes of 2x2 cells, objects at 0.3x: at full size
+# in a 48 px tile, about 4 px across once the scene is squashed to the 48 px tower.
+MEDIA_STEPS = {"pretrain": 600, "finetune": 600}
+MEDIA_SEEDS = (1337, 1)
+SMALL_OBJECTS = ["world.image_size=96", "world.grid=2", "world.max_objects=1", "world.object_scale=0.3",
+                 "world.jitter=0.1", 'world.categories=["shape","color","exists"]']
 MEDIA = {
-    "anyres": {  # objects x0.3: ~8 px at 64, ~4 at 32; x0.5: ~13 px at 64 (the main job's size at 48), ~7 at 32
-        "base view only (64 px squashed to 32)": SMALL_OBJECTS,
-        "anyres: base view + 2x2 tiles": SMALL_OBJECTS + ["grid_pinpoints=[[64,64]]"],
-        "base view only, objects x0.5": SMALL_OBJECTS + ["world.object_scale=0.5"],
-        "anyres, objects x0.5": SMALL_OBJECTS + ["world.object_scale=0.5", "grid_pinpoints=[[64,64]]"],
+    "anyres": {  # anyres: each 2x2 tile is one cell, its object at the tile's centre patch
+        "base view only (96 px squashed to 48)": SMALL_OBJECTS,
+        "anyres: base view + 2x2 tiles": SMALL_OBJECTS + ["grid_pinpoints=[[96,96]]"],
     },
     "video": {  # 2 objects drifting over 4 frames; "Which way is the red circle moving?", "Which object appears last?"
-        "4-frame clips (48 px, 3x3 pooled tokens per frame)": ["world.frames=4", "world.grid=2",
+        "4-frame clips (48 px, 2x2 pooled tokens per frame)": ["world.frames=4", "world.grid=2",
                                                                "world.max_objects=2"],
     },
 }
 
 
-def media_sweep(sweep: str, work: Path, steps: int, eval_samples: int) -> dict:
-    """Each MEDIA[sweep] variant finetuned from scratch for `steps` steps, then scored held-out and blind. A run
-    whose result.json holds the same settings is read back, not trained again (a sweep can grow a variant)."""
+def media_sweep(sweep: str, work: Path, steps: dict, eval_samples: int, seeds=MEDIA_SEEDS) -> dict:
+    """Each MEDIA[sweep] variant trained from scratch once per seed (see MEDIA_STEPS), scored held-out and blind;
+    its row holds the mean over seeds and each seed's row. A run whose result.json holds the same settings is read
+    back, not trained again (a sweep can grow a variant or a seed)."""
     rows = {}
     for name, sets in MEDIA[sweep].items():
-        run = run_dir(work, name)
-        settings = {"sets": sets, "flags": MEDIA_FLAGS, "steps": steps, "eval_samples": eval_samples}
-        if (row := cached_row(run, settings)) is not None:
-            rows[name] = row
-            continue
-        shutil.rmtree(run, ignore_errors=True)
-        print(f"== {sweep}: {name} ({' '.join(sets)})", flush=True)
-        t0, cpu0 = time.time(), time.process_time()
-        ckpt = train.train(train.parse_args(["--stage", "finetune", "--max-steps", str(steps), "--out", str(run)]
-                                            + MEDIA_FLAGS + [f"--set={item}" for item in sets]))
-        minutes = (time.time() - t0) / 60
-        scores = binding_scores(ckpt, eval_samples)
-        cfg, world = VLMConfig.from_dict(json.loads((ckpt / "config.json").read_text())), train.parse_sets(sets)[1]
-        size = world.get("image_size", cfg.vision.image_size)
-        tokens = cfg.video_tokens(world["frames"]) if world.get("frames") else cfg.image_tokens((size, size))
-        rows[name] = scores | {"image_tokens": tokens, "train_minutes": minutes, "load": os.getloadavg()[2],
-                               "cpu_minutes": (time.process_time() - cpu0) / 60}  # training and scoring
-        (run / "result.json").write_text(json.dumps({"settings": settings, "row": rows[name]}, indent=1) + "\n")
-        print(f"== {name}: held-out {rows[name]['heldout']:.3f}, blind {rows[name]['blind']:.3f}", flush=True)
+        runs = {}
+        for seed in seeds:
+            run = run_dir(work, name) / f"seed_{seed}"
+            settings = {"sets": sets, "steps": steps, "seed": seed, "eval_samples": eval_samples}
+            if (row := cached_row(run, settings)) is not None:
+                runs[seed] = row
+                continue
+            shutil.rmtree(run, ignore_errors=True)
+            print(f"== {sweep}: {name}, seed {seed} ({' '.join(sets)})", flush=True)
+            t0, cpu0 = time.time(), time.process_time()
+            ckpt = train_both(sets, run, steps, UNGROUNDED, ["--seed", str(seed)])
+            minutes = (time.time() - t0) / 60
+            scores = binding_scores(ckpt, eval_samples)
+            cfg, world = VLMConfig.from_dict(json.loads((ckpt / "config.json").read_text())), train.parse_sets(sets)[1]
+            size = world.get("image_size", cfg.vision.image_size)
+            tokens = cfg.video_tokens(world["frames"]) if world.get("frames") else cfg.image_tokens((size, size))
+            runs[seed] = scores | {"image_tokens": tokens, "train_minutes": minutes, "load": os.getloadavg()[2],
+                                   "cpu_minutes": (time.process_time() - cpu0) / 60}  # training and scoring
+            (run / "result.json").write_text(json.dumps({"settings": settings, "row": runs[seed]}, indent=1) + "\n")
+            print(f"== {name}, seed {seed}: held-out {runs[seed]['heldout']:.3f}, blind {runs[seed]['blind']:.3f}",
+                  flush=True)
+        mean = {key: sum(r[key] for r in runs.values()) / len(runs) for key in ("heldout", "blind", "cpu_minutes")}
+        categories = {c for r in runs.values() for c in r["by_category"]}
+        mean["by_category"] = {c: sum(r["by_category"].get(c, 0) for r in runs.values()) / len(runs)
+                               for c in sorted(categories)}
+        rows[name] = mean | {"image_tokens": runs[seeds[0]]["image_tokens"], "seeds": runs,
+                             "load": max(r["load"] for r in runs.values())}
     return rows
 
 
-def write_media_results(sweep: str, rows: dict, steps: int, eval_samples: int, command: str, out: Path):
+def write_media_results(sweep: str, rows: dict, steps: dict, eval_samples: int, command: str, out: Path):
     categories = sorted({c for row in rows.values() for c in row["by_category"]})
-    cpu = sum(row["cpu_minutes"] for row in rows.values())
+    seeds = list(next(iter(rows.values()))["seeds"])
+    cpu = sum(row["cpu_minutes"] * len(row["seeds"]) for row in rows.values())
     lines = [f"# {sweep}", "", f"Reproduce: `{command}`", "",
              f"Machine: {os.cpu_count()} CPU cores ({platform.machine()}), {torch.get_num_threads()} torch threads, "
-             f"torch {torch.__version__}. Each run: the tiny model (2 LM layers) from scratch, {steps} question steps "
-             f"of batch 16, no caption stage, then {eval_samples} held-out questions; blind = pixels (frames) "
-             f"replaced by zeros. Budget: {cpu:.1f} CPU-minutes of training and scoring for the sweep (15-min load "
-             f"average {max(row['load'] for row in rows.values()):.1f}: the machine was shared).",
+             f"torch {torch.__version__}. Each run: the main job's model from scratch, {steps['pretrain']} caption "
+             f"steps + {steps['finetune']} question steps of batch 32, then {eval_samples} held-out questions; blind "
+             f"= pixels (frames) replaced by zeros. Each variant ran with seeds {', '.join(map(str, seeds))}; the "
+             f"table gives their mean, then each seed's held-out score. Budget: {cpu:.1f} CPU-minutes of training "
+             f"and scoring for the sweep (15-min load average up to {max(row['load'] for row in rows.values()):.1f}).",
              "", f"![{sweep}]({sweep}.png)", "",
-             "| variant | tokens per image/clip | held-out | blind | " + " | ".join(categories) + " | CPU min |",
-             "|---|---:|---:|---:|" + "---:|" * len(categories) + "---:|"]
+             "| variant | tokens per image/clip | held-out | per seed | blind | " + " | ".join(categories)
+             + " | CPU min per run |",
+             "|---|---:|---:|---|---:|" + "---:|" * len(categories) + "---:|"]
     for name, row in rows.items():
         per = " | ".join(f"{row['by_category'].get(c, 0):.2f}" for c in categories)
-        lines.append(f"| {name} | {row['image_tokens']} | {row['heldout']:.3f} | {row['blind']:.3f} | {per} | "
-                     f"{row['cpu_minutes']:.1f} |")
+        each = " / ".join(f"{r['heldout']:.3f}" for r in row["seeds"].values())
+        lines.append(f"| {name} | {row['image_tokens']} | {row['heldout']:.3f} | {each} | {row['blind']:.3f} | "
+                     f"{per} | {row['cpu_minutes']:.1f} |")
     (out / f"{sweep}.md").write_text("\n".join(lines) + "\n")
     (out / f"{sweep}.json").write_text(json.dumps(rows, indent=1) + "\n")
-    bar_chart(rows, f"{sweep}: held-out vs blind accuracy", out / f"{sweep}.png")
+    bar_chart(rows, f"{sweep}: held-out vs blind accuracy (mean of {len(seeds)} seeds)", out / f"{sweep}.png")
 
 
 def main(argv=None):
@@ -381,10 +394,13 @@ def main(argv=None):
     out = args.out or Path("out/experiments_smoke" if args.smoke else "docs/experiments")
     out.mkdir(parents=True, exist_ok=True)
     command = "python experiments.py " + " ".join(argv)
-    if args.sweep in MEDIA:  # finetune-only runs of their own (see MEDIA)
-        steps = 2 if args.smoke else args.finetune_steps or MEDIA_STEPS
+    if args.sweep in MEDIA:  # runs of their own (see MEDIA)
+        steps = {"pretrain": 2, "finetune": 2} if args.smoke else {
+            "pretrain": args.pretrain_steps or MEDIA_STEPS["pretrain"],
+            "finetune": args.finetune_steps or MEDIA_STEPS["finetune"]}
         eval_samples = 8 if args.smoke else args.eval_samples
-        rows = media_sweep(args.sweep, args.work / args.sweep, steps, eval_samples)
+        seeds = MEDIA_SEEDS[:1] if args.smoke else MEDIA_SEEDS
+        rows = media_sweep(args.sweep, args.work / args.sweep, steps, eval_samples, seeds)
         write_media_results(args.sweep, rows, steps, eval_samples, command, out)
         print(f"{args.sweep}: wrote {out / args.sweep}.md and .png")
         return

@@ -3,6 +3,7 @@
 import dataclasses
 import itertools
 import json
+import re
 from types import SimpleNamespace
 
 import numpy as np
@@ -599,8 +600,31 @@ def test_shapes_clips_move_each_object_its_way_and_the_last_one_enters_late():
             if [o.color for o in objects].count(color) == 1:
                 assert centre(record["video"][0], color) is None and centre(record["video"][-1], color) is not None
     assert asked == {"motion", "last"} and measured >= 10
-    with pytest.raises(ValueError, match="questions only"):
-        world.record(0, task="caption")
+
+
+def test_shapes_clip_captions_say_where_each_object_moves_and_which_appears_last():
+    world = ShapesWorld(image_size=64, grid=2, max_objects=2, frames=4, texture=0)
+    measured = lasts = 0
+    for i in range(40):
+        record, objects = world.record(i, task="caption", split="test"), world.scene(i, "test")
+        assert record["category"] == "caption" and record["video"] == world.record(i, split="test")["video"]
+        caption, video = record["conversations"][1]["value"], record["video"]
+        colors = [o.color for o in objects]
+        for o in objects:
+            move = re.search(rf"a {o.size} {o.color} {o.shape} [a-z ]+? moving (\w+)", caption).group(1)
+            if colors.count(o.color) > 1 or centre(video[-2], o.color) is None:
+                continue
+            (x0, y0), (x1, y1) = centre(video[-2], o.color), centre(video[-1], o.color)
+            dx, dy = {"left": (-1, 0), "right": (1, 0), "up": (0, -1), "down": (0, 1)}[move]
+            assert (x1 - x0) * dx + (y1 - y0) * dy > 2
+            measured += 1
+        if len(objects) == 2 and colors[0] != colors[1]:  # the one missing from the first frame comes last
+            late = next(o for o in objects if centre(video[0], o.color) is None)
+            assert re.search(rf" and then a {late.size} {late.color} {late.shape} [a-z ]+ moving \w+$", caption)
+            lasts += 1
+    assert measured >= 20 and lasts >= 5
+    with pytest.raises(ValueError, match="unknown task"):
+        world.record(0, task="story")
 
 
 def test_small_objects_shrink_with_object_scale():
@@ -636,11 +660,13 @@ def test_experiments_media_sweeps_run_end_to_end(sweep, tmp_path, monkeypatch):
     experiments.main([sweep, "--smoke", "--out", str(tmp_path / "docs"), "--work", str(tmp_path / "work")])
     rows = json.loads((tmp_path / "docs" / f"{sweep}.json").read_text())
     assert list(rows) == list(experiments.MEDIA[sweep]) and (tmp_path / "docs" / f"{sweep}.png").is_file()
-    cfg = VLMConfig.from_dict(json.loads(next((tmp_path / "work" / sweep).glob("*/config.json")).read_text()))
-    if sweep == "video":
-        assert cfg.video_token_id == cfg.lm.vocab_size - 1 and rows[next(iter(rows))]["image_tokens"] == 4 * 9 + 1
-    else:
-        assert [row["image_tokens"] for row in rows.values()] == [16, 16 + 8 * 9] * 2
+    run = next((tmp_path / "work" / sweep).glob("*/seed_1337"))
+    cfg = VLMConfig.from_dict(json.loads((run / "finetune" / "config.json").read_text()))
+    assert json.loads((run / "pretrain" / "training.json").read_text())["stage"] == "pretrain"  # a caption stage
+    if sweep == "video":  # 3x3 patches per frame pooled to 2x2
+        assert cfg.video_token_id == cfg.lm.vocab_size - 1 and rows[next(iter(rows))]["image_tokens"] == 4 * 4 + 1
+    else:  # the base view's 3x3, then a 6x6 map of 2x2 tiles with a newline per row
+        assert [row["image_tokens"] for row in rows.values()] == [9, 9 + 6 * 7]
 
 
 @pytest.mark.slow  # ~15 s of forwards at the small preset's size
