@@ -343,7 +343,7 @@ def bench_lm_decode(args, device, dtype, report):
     ours = VLM.from_pretrained(args.checkpoint, device=device, dtype=dtype).eval()
     cfg, tokenizer = ours.cfg, load_tokenizer(args.checkpoint)
     prompt = build_prompt([{"from": "human", "value": "Tell me about the history of Lisbon."}], cfg.template,
-                          tokenizer)
+                          tokenizer, cfg.system)
     ids = torch.tensor([encode_prompt(tokenizer, prompt, cfg.template, cfg.image_token_id, 0)], device=device)
     peers = {"transformers": load_hf_lm(args.hf_lm, device, dtype)} if args.hf_lm else {}
 

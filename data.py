@@ -132,7 +132,7 @@ def encode_sample(record: dict, images: list, tokenizer, cfg, template: str, max
         if max_len < 1:
             raise TooLong(f"the images and videos take {sum(counts)} tokens, more than max_len")
     input_ids, labels = encode_conversation(tokenizer, record["conversations"], template, cfg.image_token_id, 1,
-                                            max_len)
+                                            max_len, cfg.system)
     input_ids, labels = expand_images(input_ids, labels, counts, cfg.image_token_id, fills)
     return {"id": record["id"], "input_ids": torch.tensor(input_ids), "labels": torch.tensor(labels),
             "pixel_values": images_to_pixels(images, cfg, image_mode, tiled),  # (T,), (T,), (views, 3, S, S) or None

@@ -108,13 +108,15 @@ def file_records(path, image_folder) -> tuple[list[dict], dict[int, str], int]:
 
 
 def question_prompt(conversations: list[dict], template: str, suffix: str | None,
-                    tokenizer: Tokenizer | None = None) -> tuple[str, str, str]:
-    """-> (prompt ready for the answer, the question, the reference answer): the last gpt turn is the answer."""
+                    tokenizer: Tokenizer | None = None, system: str | None = None) -> tuple[str, str, str]:
+    """-> (prompt ready for the answer, the question, the reference answer): the last gpt turn is the answer.
+    system: the model's own system prompt (VLMConfig.system)."""
     *context, reference = conversations
     question = context[-1]["value"]
     if suffix:
         context = context[:-1] + [{"from": context[-1]["from"], "value": f"{question}\n{suffix}"}]
-    return build_prompt(context, template, tokenizer), question.replace(IMAGE, "").strip(), reference["value"]
+    return (build_prompt(context, template, tokenizer, system), question.replace(IMAGE, "").strip(),
+            reference["value"])
 
 
 # ----------------------------------------------------------------------------- scoring
@@ -136,7 +138,7 @@ def evaluate_qa(model: VLM, tokenizer: Tokenizer, records: list[dict], batch_siz
     for start in range(0, len(records), batch_size):
         batch = records[start:start + batch_size]
         template = template or cfg.template
-        prompts = [question_prompt(r["conversations"], template, prompt_suffix, tokenizer) for r in batch]
+        prompts = [question_prompt(r["conversations"], template, prompt_suffix, tokenizer, cfg.system) for r in batch]
         ids = []
         for record, (prompt, _, _) in zip(batch, prompts, strict=True):  # each tag grows to its own count
             one_each = encode_prompt(tokenizer, prompt, template, cfg.image_token_id, 1)

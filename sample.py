@@ -219,7 +219,8 @@ class Chat:
         first = not self.messages
         value = with_image_tags(question, len(self.images)) if first else question
         self.messages.append({"from": "human", "value": value})
-        pieces = template_pieces(self.messages, self.template, **template_kw(self.tokenizer, self.template))
+        pieces = template_pieces(self.messages, self.template,
+                                 **template_kw(self.tokenizer, self.template, self.model.cfg.system))
         answered = max((k for k, (_, supervised) in enumerate(pieces) if supervised), default=-1)
         text = "".join(piece for piece, _ in pieces[answered + 1:])  # the first turn: system and all
         sizes = [(im.height, im.width) for im in self.images] if first else []
@@ -444,7 +445,7 @@ def main(argv=None):
     template = args.template or model.cfg.template
     try:
         value = with_image_tags(args.prompt, len(images) + (videos is not None))  # a video takes one tag too
-        prompt = build_prompt([{"from": "human", "value": value}], template, tokenizer)
+        prompt = build_prompt([{"from": "human", "value": value}], template, tokenizer, model.cfg.system)
     except ValueError as err:
         raise SystemExit(f"error: {err}") from None
     sizes = [(im.height, im.width) for im in images]

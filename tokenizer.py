@@ -439,8 +439,9 @@ def template_pieces(conversations: list[dict], template: str, system: str | None
         for role, value in turns:
             if role == "gpt":
                 pieces.append((f" {value}{eos}", True))
-            else:  # the system text sits in the first piece: no space of its own to lose
-                pieces.append((f"{(system or SYSTEM) + ' ' if not pieces else ''}USER: {value} ASSISTANT:", False))
+            else:  # the system text sits in the first piece: no space of its own to lose; "" writes none
+                text = SYSTEM if system is None else system
+                pieces.append((f"{text + ' ' if text and not pieces else ''}USER: {value} ASSISTANT:", False))
         return pieces
     return own_template_pieces(turns, template, system, bos, eos)
 
@@ -478,21 +479,27 @@ def check_template(tokenizer: Tokenizer, template: str):
                          f"tokenizer does not have; choose another --template")
 
 
-def template_kw(tokenizer: Tokenizer, template: str) -> dict:
-    """What a template takes from the tokenizer: its bos / eos strings and the model's default system prompt."""
-    if tokenizer is None:
-        return {}
-    check_template(tokenizer, template)
-    kw = {"bos": tokenizer.bos_token, "eos": tokenizer.eos_token}
-    if template in ("chatml", "llama3"):
+def template_kw(tokenizer: Tokenizer | None, template: str, system: str | None = None) -> dict:
+    """What a template takes from the tokenizer: its bos / eos strings and the model's default system prompt.
+    `system` is the model's own (VLMConfig.system): None keeps the default, "" drops the system prompt."""
+    kw = {}
+    if tokenizer is not None:
+        check_template(tokenizer, template)
+        kw = {"bos": tokenizer.bos_token, "eos": tokenizer.eos_token}
+    if system is not None:  # chatml / llama3 / mistral write no system turn for None
+        kw["system"] = system or ("" if template == "vicuna_v1" else None)
+    elif tokenizer is not None and template in ("chatml", "llama3"):
         kw["system"] = tokenizer.default_system
     return kw
 
 
-def build_prompt(messages: list[dict], template="vicuna_v1", tokenizer: Tokenizer | None = None) -> str:
+def build_prompt(messages: list[dict], template="vicuna_v1", tokenizer: Tokenizer | None = None,
+                 system: str | None = None) -> str:
     """The prompt string; after a human message it ends ready for the answer ("ASSISTANT:", "<|im_start|>
-    assistant\\n", ...). With the tokenizer, the model's own bos/eos strings and default system prompt."""
-    return "".join(text for text, _ in template_pieces(messages, template, **template_kw(tokenizer, template)))
+    assistant\\n", ...). With the tokenizer, the model's own bos/eos strings and default system prompt; `system`
+    as in template_kw."""
+    return "".join(text for text, _ in template_pieces(messages, template,
+                                                       **template_kw(tokenizer, template, system)))
 
 
 def encode_prompt(tokenizer: Tokenizer, prompt: str, template: str, image_token_id: int,
@@ -513,13 +520,14 @@ def corpus_text(conversations: list[dict], template="vicuna_v1") -> str:
 
 
 def encode_conversation(tokenizer: Tokenizer, conversations: list[dict], template: str, image_token_id: int,
-                        num_image_tokens: int, max_len: int | None = None) -> tuple[list[int], list[int]]:
+                        num_image_tokens: int, max_len: int | None = None,
+                        system: str | None = None) -> tuple[list[int], list[int]]:
     """(input_ids, labels) for training: labels are IGNORE except each answer's tokens and its end-of-turn.
 
     The whole prompt is tokenized at once, exactly as the model's template and transformers tokenize it, and a
     token is supervised when it starts inside an answer piece: no offsets are guessed, no boundary is forced.
     """
-    pieces = template_pieces(conversations, template, **template_kw(tokenizer, template))
+    pieces = template_pieces(conversations, template, **template_kw(tokenizer, template, system))
     spans, text = [], ""
     for piece, supervised in pieces:
         if supervised:

@@ -1,6 +1,7 @@
 """eval.py: answer normalisation, batched greedy decoding equal to one-at-a-time generate, --blind, the
 predictions file and the accuracy line, and one-line errors for a missing checkpoint, bad JSON or tokenizer."""
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -11,11 +12,12 @@ import torch
 from conftest import random_init
 
 import eval as vlm_eval
-from data import ShapesWorld, export_shapes, preprocess
+import sample
+from data import ShapesDataset, ShapesWorld, export_shapes, preprocess
 from llama import LlamaConfig
 from model import VLM, VLMConfig
 from projector import ProjectorConfig
-from tokenizer import build_prompt, tokenize_prompt, train_tokenizer
+from tokenizer import IGNORE, SYSTEM, build_prompt, tokenize_prompt, train_tokenizer
 from vit import ViTConfig
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -183,3 +185,32 @@ def test_shapes_questions_come_from_the_world_the_checkpoint_was_trained_on(tmp_
     (tmp_path / "training.json").write_text(json.dumps({"shapes_world": {"image_size": 48, "jitter": 0.0}}))
     world = vlm_eval.checkpoint_world(tmp_path, 48, 1500)
     assert (world.jitter, world.image_size, world.test_size) == (0.0, 48, 1500)
+
+
+@pytest.mark.parametrize("system, opening", [(None, SYSTEM + " USER: "), ("", "USER: "),
+                                             ("Answer in one word.", "Answer in one word. USER: ")])
+def test_training_eval_and_sample_prompt_with_the_model_own_system_prompt(checkpoint, tmp_path, monkeypatch, system,
+                                                                          opening):
+    """VLMConfig.system (the main job's is "": no preamble) reaches every prompt: the training sample's ids up to
+    its first answer token are the ones eval.py feeds the model, and sample.py's prompt opens the same way."""
+    model, tokenizer = vlm_eval.load_checkpoint(checkpoint, "cpu")
+    model.cfg = dataclasses.replace(model.cfg, system=system)
+    model.save_pretrained(tmp_path / "ckpt", tokenizer)
+    world = ShapesWorld(image_size=16)
+    trained = ShapesDataset(world, tokenizer, model.cfg, "qa", split="test", size=1)[0]
+    first_answer = (trained["labels"] != IGNORE).nonzero()[0].item()
+    image = model.cfg.image_token_id
+    prefix = [t for k, t in enumerate(trained["input_ids"][:first_answer].tolist())
+              if t != image or trained["input_ids"][k - 1] != image]  # one placeholder per image, as eval encodes
+    fed, encode_prompt = [], vlm_eval.encode_prompt
+    monkeypatch.setattr(vlm_eval, "encode_prompt", lambda *a: fed.append(encode_prompt(*a)) or fed[-1])
+    vlm_eval.evaluate_qa(model, tokenizer, vlm_eval.shapes_records(1, world), max_new_tokens=1)
+    assert fed == [prefix]
+    assert tokenizer.decode([t for t in prefix if t != image]).lstrip().startswith(opening.split()[0])
+    texts, encode = [], sample.encode
+    monkeypatch.setattr(sample, "encode", lambda tok, m, text, *a, **kw: texts.append(text) or encode(tok, m, text,
+                                                                                                        *a, **kw))
+    sample.main(["--checkpoint", str(tmp_path / "ckpt"), "--prompt", "What color is the circle?",
+                 "--max-new-tokens", "1"])
+    sample.Chat(VLM.from_pretrained(tmp_path / "ckpt"), tokenizer, [], max_new_tokens=1).ask("Is there a cross?")
+    assert [t[:len(opening)] for t in texts] == [opening, opening]

@@ -191,6 +191,17 @@ def test_vicuna_v1_prompt_matches_llava_byte_for_byte():
                       "helpful, detailed, and polite answers to the human's questions.")
 
 
+def test_a_model_system_prompt_replaces_the_default_and_an_empty_one_drops_it():
+    q = turns("<image>\nWhat color is the circle?")
+    assert build_prompt(q, system="") == "USER: <image>\nWhat color is the circle? ASSISTANT:"
+    assert build_prompt(q, system="Be brief.") == "Be brief. USER: <image>\nWhat color is the circle? ASSISTANT:"
+    assert build_prompt(q, "chatml", system="") == ("<|im_start|>user\n<image>\nWhat color is the circle?<|im_end|>\n"
+                                                    "<|im_start|>assistant\n")
+    assert build_prompt(q, "chatml", system="Be brief.").startswith("<|im_start|>system\nBe brief.<|im_end|>\n")
+    with pytest.raises(ValueError, match="no system prompt"):
+        build_prompt(q, "mistral", system="Be brief.")
+
+
 def test_plain_prompt_is_image_then_caption_then_newline():
     # preprocess_plain replaces the human turn by "<image>" and appends conv_llava_plain.sep
     assert build_prompt(turns("<image>\nDescribe the image.", "a red circle"), "plain") == "<image>a red circle\n"
