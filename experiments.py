@@ -288,11 +288,13 @@ def write_results(sweep: str, rows: dict, steps: dict, eval_samples: int, comman
 # High resolution and video (issue #14): each variant is the main job's recipe on its own world, from scratch:
 # MEDIA_STEPS caption steps (a clip's caption says where each object moves and which appears last), then question
 # steps, with the main job's model and flags but no grounding loss; once per MEDIA_SEEDS seed, since runs of one
-# recipe spread with the seed (binding.md). "anyres" draws 96 px scenes of 2x2 cells, objects at 0.3x: at full size
-# in a 48 px tile, about 4 px across once the scene is squashed to the 48 px tower.
+# recipe spread with the seed (binding.md), and with no system prompt (question steps 1.5x cheaper; these sweeps
+# compare views, not prompts). "anyres" draws 96 px scenes of 2x2 cells, objects at 0.15x: 4-6 px
+# across in a 48 px tile, 2-3 px once the scene is squashed to the 48 px tower (at 0.3x, 4-6 px across when
+# squashed, the base view alone read their shapes at 0.89).
 MEDIA_STEPS = {"pretrain": 600, "finetune": 600}
 MEDIA_SEEDS = (1337, 1)
-SMALL_OBJECTS = ["world.image_size=96", "world.grid=2", "world.max_objects=1", "world.object_scale=0.3",
+SMALL_OBJECTS = ["system=", "world.image_size=96", "world.grid=2", "world.max_objects=1", "world.object_scale=0.15",
                  "world.jitter=0.1", 'world.categories=["shape","color","exists"]']
 MEDIA = {
     "anyres": {  # anyres: each 2x2 tile is one cell, its object at the tile's centre patch
@@ -300,7 +302,7 @@ MEDIA = {
         "anyres: base view + 2x2 tiles": SMALL_OBJECTS + ["grid_pinpoints=[[96,96]]"],
     },
     "video": {  # 2 objects drifting over 4 frames; "Which way is the red circle moving?", "Which object appears last?"
-        "4-frame clips (48 px, 2x2 pooled tokens per frame)": ["world.frames=4", "world.grid=2",
+        "4-frame clips (48 px, 2x2 pooled tokens per frame)": ["system=", "world.frames=4", "world.grid=2",
                                                                "world.max_objects=2"],
     },
 }
