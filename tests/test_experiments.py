@@ -8,6 +8,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 import experiments
+from model import tiny_config
 
 
 @pytest.mark.parametrize("sweep", list(experiments.SWEEPS))
@@ -79,3 +80,13 @@ def test_binding_control_trains_a_fresh_tower_before_the_frozen_real_lm(smollm2_
     row = json.loads((run / "result.json").read_text())["row"]
     assert row["image_tokens"] == 36 and 0 <= row["binding_errors"] <= row["wrong"] <= 8
     assert row["budget"].startswith("2 caption + 2 question steps")
+
+
+def test_the_main_job_variant_is_the_model_python_train_py_trains():
+    """binding's "(the main job)" row names its model in full: the same config as train.MAIN_JOB's --set items."""
+    pretrain = experiments.train.MAIN_JOB["pretrain"]
+    sets = [pretrain[k + 1] for k, flag in enumerate(pretrain) if flag == "--set"]
+    configure, parse = experiments.train.configure, experiments.train.parse_sets
+    main_job = configure(tiny_config(), parse(sets)[0])
+    assert configure(tiny_config(), parse(experiments.MAIN_JOB_MODEL)[0]) == main_job
+    assert configure(tiny_config(), parse(experiments.PLAIN_TINY)[0]) == tiny_config()

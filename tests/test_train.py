@@ -290,7 +290,7 @@ def test_main_job_smoke_prints_the_two_accuracy_lines(tmp_path):
     assert (tmp_path / "pretrain" / "projector.safetensors").is_file()
     cfg = json.loads((tmp_path / "finetune" / "config.json").read_text())
     assert cfg["template"] == "vicuna_v1"
-    assert json.loads((tmp_path / "finetune" / "training.json").read_text())["ground"] == 1  # issue #9's grounding
+    assert json.loads((tmp_path / "finetune" / "training.json").read_text())["ground"] == 4  # issue #9's grounding
     # issue #9's main job: one image token per 3x3 cell, no tower block, a Canon layer and QK-norm in the LM
     assert (cfg["vision"]["patch_size"], cfg["vision"]["depth"], cfg["lm"]["conv_kernel"], cfg["lm"]["qk_norm"]) == (
         16, 0, 3, True)
