@@ -44,7 +44,7 @@ def tok(tmp_path_factory):
 @pytest.fixture(scope="module")
 def cfg(tok):
     return SimpleNamespace(image_token_id=tok.vocab_size, num_image_tokens=4, vision=VISION, grid_pinpoints=[],
-                           image_tokens=lambda size=None, tiled=True: 4, tiles=lambda num_images: False)
+                           system=None, image_tokens=lambda size=None, tiled=True: 4, tiles=lambda num_images: False)
 
 
 def random_image(w, h, seed=0):
@@ -391,7 +391,7 @@ def test_grounding_points_each_answer_at_the_image_tokens_of_its_object(tok, pat
     object's cell (the first token when no object fits); none for a count. Packing keeps each pair on its tokens."""
     vision = ViTConfig(image_size=48, patch_size=patch, width=32, depth=1, heads=2, mlp_dim=64)
     G = vision.grid
-    cfg = SimpleNamespace(image_token_id=tok.vocab_size, vision=vision, grid_pinpoints=[],
+    cfg = SimpleNamespace(image_token_id=tok.vocab_size, vision=vision, grid_pinpoints=[], system=None,
                           image_tokens=lambda size=None, tiled=True: G * G, tiles=lambda num_images: False)
     world = ShapesWorld(image_size=48, questions=3)
     data = ShapesDataset(world, tok, cfg, task="qa", ground=True)
