@@ -9,6 +9,7 @@ import argparse
 import dataclasses
 import json
 import math
+import os
 import random
 import re
 from collections import Counter
@@ -142,27 +143,30 @@ def encode_sample(record: dict, images: list, tokenizer, cfg, template: str, max
     # videos: (V, F, 3, S, S)
 
 
-def ground_pairs(boxes: list, input_ids: list[int], labels: list[int], cfg) -> torch.Tensor:
-    """(N, 2) (query, key) positions for the grounding loss (model.grounding_loss): from the position that
+def ground_pairs(boxes: list, input_ids: list[int], labels: list[int], cfg, words: list | None = None) -> torch.Tensor:
+    """(N, 3) (query, key, kind) positions for the grounding loss (model.grounding_loss): from the position that
     predicts each answer's first token to every image token whose patch centre lies in that answer's box (x0, y0,
-    x1, y1 in fractions of the image); to the first token, an attention sink, for an empty box (no such object);
-    none for a None box. One image at base resolution only, so token k is patch k of the tower's grid."""
+    x1, y1 in fractions of the image), kind 0; to the first token, an attention sink, for an empty box (no such
+    object); none for a None box. With words (per answer, the positions of the question's tokens that name its
+    object), also to each of those, kind 1. One image at base resolution only, so token k is patch k of the grid."""
     G = cfg.vision.grid
     if input_ids.count(cfg.image_token_id) != G * G or cfg.grid_pinpoints:
         raise ValueError(f"grounding needs one image of {G * G} tokens, one per patch, "
                          f"not {input_ids.count(cfg.image_token_id)}")
     image = input_ids.index(cfg.image_token_id)
     starts = [t for t in range(1, len(labels)) if labels[t] != IGNORE and labels[t - 1] == IGNORE]  # answers
+    words = words or [[] for _ in boxes]
     pairs = []
-    for start, box in zip(starts, boxes[: len(starts)], strict=True):  # a cut (max_len) may drop the last answers
+    n = len(starts)  # a cut (max_len) may drop the last answers
+    for start, box, named in zip(starts, boxes[:n], words[:n], strict=True):
         if box is None:
             continue
         keys = [0] if not box else [image + i * G + j for i in range(G) for j in range(G)
                                     if box[0] <= (j + 0.5) / G < box[2] and box[1] <= (i + 0.5) / G < box[3]]
         if not keys:
             raise ValueError(f"no patch of the tower's {G}x{G} grid has its centre in the box {box}")
-        pairs += [(start - 1, k) for k in keys]
-    return torch.tensor(pairs, dtype=torch.long).view(-1, 2)
+        pairs += [(start - 1, k, 0) for k in keys] + [(start - 1, k, 1) for k in named]
+    return torch.tensor(pairs, dtype=torch.long).view(-1, 3)
 
 
 def media_tokens(cfg, media: list[str] | None, images: list, videos: list) -> tuple[list[int], list[int]]:
@@ -428,7 +432,7 @@ def collate(samples: list, pad_id: int, pack_len: int | None = None) -> dict:
     input_ids = torch.full((R, T), pad_id, dtype=torch.long)
     labels = torch.full((R, T), IGNORE, dtype=torch.long)
     segment_ids = torch.full((R, T), -1, dtype=torch.long)
-    grounds = []  # each sample's (row, query, key) grounding pairs, where the sample sits in the batch
+    grounds = []  # each sample's (row, query, key, kind) grounding pairs, where the sample sits in the batch
     for r, row in enumerate(rows):
         start = 0
         for segment, i in enumerate(row):
@@ -436,7 +440,8 @@ def collate(samples: list, pad_id: int, pack_len: int | None = None) -> dict:
             input_ids[r, start:end], labels[r, start:end] = samples[i]["input_ids"], samples[i]["labels"]
             segment_ids[r, start:end] = segment
             if samples[i].get("ground") is not None:
-                pairs = samples[i]["ground"] + start  # (N, 2)
+                pairs = samples[i]["ground"].clone()  # (N, 3): query, key, kind
+                pairs[:, :2] += start
                 grounds.append(torch.cat([torch.full((len(pairs), 1), r), pairs], dim=1))
             start = end
     order = [samples[i] for row in rows for i in row]
@@ -455,7 +460,7 @@ def collate(samples: list, pad_id: int, pack_len: int | None = None) -> dict:
         "image_tiled": torch.cat(tiled) if tiled else None,  # (N,) bool: anyres images cut into tiles
         "videos": torch.cat(videos) if videos else None,  # (V, F, 3, S, S)
         "num_tokens": int((labels != IGNORE).sum()),
-        "ground": torch.cat(grounds) if grounds else None,  # (N, 3): row, query, key (model.grounding_loss)
+        "ground": torch.cat(grounds) if grounds else None,  # (N, 4): row, query, key, kind (model.grounding_loss)
         "num_grounds": sum(len(g[:, :2].unique(dim=0)) for g in grounds),  # answers grounded (queries)
         "skipped": skipped,  # record index -> reason
     }
@@ -757,18 +762,20 @@ def draw_shape(draw: ImageDraw.ImageDraw, shape: str, x: float, y: float, r: flo
 
 class ShapesDataset(Dataset):
     """ShapesWorld scenes as the same sample dicts LlavaDataset yields: sample i is scene i of the split. With
-    ground=True each also holds its grounding pairs (ground_pairs), which only ShapesWorld can know.
+    ground=True each also holds its grounding pairs (ground_pairs), which only ShapesWorld can know; ground_words
+    adds the pairs that point at the question's words naming the object.
 
     The train split is a stream: len() is only a bound, so sample it with GlobalBatchSampler(shuffle=False).
     template defaults to plain for captions (pretraining) and vicuna_v1 for questions (finetuning).
     """
 
     def __init__(self, world: ShapesWorld, tokenizer, cfg, task="qa", split="train", size: int | None = None,
-                 template: str | None = None, max_len: int | None = None, image_mode="pad", ground=False):
+                 template: str | None = None, max_len: int | None = None, image_mode="pad", ground=False,
+                 ground_words=False):
         self.world, self.tokenizer, self.cfg, self.task, self.split = world, tokenizer, cfg, task, split
         self.size = size or (world.test_size if split == "test" else 2**31 - 1)
         self.template = template or ("plain" if task == "caption" else "vicuna_v1")
-        self.max_len, self.image_mode, self.ground = max_len, image_mode, ground
+        self.max_len, self.image_mode, self.ground, self.ground_words = max_len, image_mode, ground, ground_words
 
     def __len__(self):
         return self.size
@@ -776,12 +783,31 @@ class ShapesDataset(Dataset):
     def __getitem__(self, i) -> dict:
         record = self.world.record(i, self.task, self.split)
         images, videos = ([record["image"]], []) if "image" in record else ([], [record["video"]])
-        sample = encode_sample(record, images, self.tokenizer, self.cfg, self.template, self.max_len, self.image_mode,
-                               videos)
-        if self.ground:  # (N, 2) (query, key) positions for the grounding loss
-            sample["ground"] = ground_pairs(record["ground"], sample["input_ids"].tolist(), sample["labels"].tolist(),
-                                            self.cfg)
+        sample = self.encode(record, images, videos)
+        if self.ground:  # (N, 3) (query, key, kind) positions for the grounding loss
+            ids = sample["input_ids"].tolist()
+            words = self.naming_tokens(record, images, videos, ids) if self.ground_words else None
+            sample["ground"] = ground_pairs(record["ground"], ids, sample["labels"].tolist(), self.cfg, words)
         return sample
+
+    def encode(self, record: dict, images: list, videos: list) -> dict:
+        return encode_sample(record, images, self.tokenizer, self.cfg, self.template, self.max_len, self.image_mode,
+                             videos)
+
+    def naming_tokens(self, record: dict, images: list, videos: list, input_ids: list[int]) -> list[list[int]]:
+        """Per question, the positions of the tokens that spell its colour and shape words: the words that name
+        the object it asks about. Any tokenizer, no offsets needed: encode the record again with those words in
+        capitals; every token that holds one of their letters changes, so the span where the ids differ spells them
+        (a swap for another word could share a token: "circle" and "cross" may both start with " c")."""
+        turns, spans, names = record["conversations"], [], set(self.world.colors + self.world.shapes)
+        for k in range(0, len(turns), 2):  # the questions
+            text = re.sub(r"\b[a-z]+\b", lambda m: m[0].upper() if m[0] in names else m[0], turns[k]["value"])
+            swapped = turns[:k] + [dict(turns[k], value=text)] + turns[k + 1 :]
+            ids = self.encode(dict(record, conversations=swapped), images, videos)["input_ids"].tolist()
+            start = len(os.path.commonprefix([input_ids, ids]))  # commonprefix works on any sequences
+            end = len(input_ids) - len(os.path.commonprefix([input_ids[start:][::-1], ids[start:][::-1]]))
+            spans.append(list(range(start, end)))
+        return spans
 
 
 # ----------------------------------------------------------------------------- export

@@ -59,7 +59,10 @@ SWEEPS = {
     },
 }
 
-UNGROUNDED = ["--ground", "0"]  # the main job's finetune without its grounding loss: every result before it
+# The main job's finetune as every result before session 8 ran it: every part trained, the grounding loss without
+# the question's words; UNGROUNDED: also without the loss, as every result before the loss joined the main job
+ALL_PARTS = ["--train", "vision,projector,lm", "--no-ground-words"]
+UNGROUNDED = ["--ground", "0"] + ALL_PARTS
 # The tiny preset, named in full (vicuna's default system prompt: null)
 PLAIN_TINY = ["vision.patch_size=8", "vision.depth=1", "lm.conv_kernel=0", "lm.qk_norm=false", "system=null"]
 # The main job's model (train.MAIN_JOB["pretrain"]'s --set items), named in full on top of the preset.
@@ -89,20 +92,26 @@ BINDING = {
     "scratch: 16 px ViT depth 0 + canon k3 + qk-norm": {"scratch": MAIN_JOB_MODEL},
     # The same model finetuned with the grounding loss (model.grounding_loss, train.py --ground W), W = 1 or 4
     "scratch: 16 px ViT depth 0 + canon k3 + qk-norm + grounding": {"scratch": MAIN_JOB_MODEL,
-                                                                    "flags": ["--ground", "1"]},
+                                                                    "flags": ["--ground", "1"] + ALL_PARTS},
     # ... without vicuna's system prompt, 29 of a question sample's 53 tokens (question steps 1.5x cheaper)
-    "scratch: ... + grounding, no system prompt": {"scratch": MAIN_JOB_MODEL + ["system="], "flags": ["--ground", "1"]},
+    "scratch: ... + grounding, no system prompt": {"scratch": MAIN_JOB_MODEL + ["system="],
+                                                   "flags": ["--ground", "1"] + ALL_PARTS},
     "scratch: ... + grounding x4, no system prompt": {"scratch": MAIN_JOB_MODEL + ["system="],
-                                                      "flags": ["--ground", "4"]},
-    "scratch: ... + grounding x4 (the main job)": {"scratch": MAIN_JOB_MODEL, "flags": ["--ground", "4"]},
+                                                      "flags": ["--ground", "4"] + ALL_PARTS},
+    "scratch: ... + grounding x4": {"scratch": MAIN_JOB_MODEL, "flags": ["--ground", "4"] + ALL_PARTS},
+    # ... and the first layer's head 0 told to look at the question's words that name the object (--ground-words)
+    "scratch: ... + grounding x4 + question words": {"scratch": MAIN_JOB_MODEL, "flags": [
+        "--ground", "4", "--ground-words", "--train", "vision,projector,lm"]},
+    # ... with the tower and projector frozen in the finetune, as the caption stage left them (--train lm)
+    "scratch: ... + grounding x4 + question words, frozen tower (the main job)": {"scratch": MAIN_JOB_MODEL, "flags": [
+        "--ground", "4", "--ground-words", "--train", "lm"]},
 }
 
 # The pretrained-LM control: does an LM that already knows retrieval bind? --control-lm (SmolLM2-135M-Instruct)
 # stays frozen with LoRA adapters, behind a from-scratch tiny tower and projector (`convert_weights.py --fresh-vision
 # tiny`), on the same ShapesWorld. Its own two stages: captions teach the tower and projector to talk to the frozen
 # LM, then questions train them with the adapters. bf16 autocast: 1.5-2x faster per step than fp32 on this CPU.
-# Measured 5.3 / 7.0 CPU-s per caption / question step at one thread: the steps make ~17 CPU-minutes, so that the run
-# fits an hour of a 2-core machine shared with higher-priority jobs (it got 17-40% of a core).
+# Measured 5.3 / 7.0 CPU-s per caption / question step at one thread: the steps make the issue's 30 CPU-minutes.
 CONTROL = {
     "pretrain": ["--train", "vision,projector", "--batch-size", "16", "--lr", "2e-3", "--warmup-ratio", "0.05",
                  "--dtype", "bfloat16"],
@@ -110,7 +119,7 @@ CONTROL = {
                  "--batch-size", "16", "--lr", "1e-3", "--projector-lr", "1e-3", "--warmup-ratio", "0.05",
                  "--dtype", "bfloat16"],
 }
-CONTROL_STEPS = {"pretrain": 120, "finetune": 40}
+CONTROL_STEPS = {"pretrain": 400, "finetune": 200}
 
 
 def main_job_steps() -> dict:

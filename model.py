@@ -193,19 +193,26 @@ def grounding_loss(attentions: list, ground) -> torch.Tensor:
     """-log of the attention head 0 of every layer but the first pays, from the position that predicts an answer,
     to the image tokens of the object the question asks about (or to the first token when there is none), summed
     over answers and averaged over those layers. ShapesWorld knows where each object is; telling one head where to
-    look gives content lookup a direct signal (issue #9: the main job gained with it in every seed tried). The
-    first layer is left free: it must first bring the question's words to the answer position.
+    look gives content lookup a direct signal (issue #9: the main job gained with it in every seed tried). Pairs of
+    kind 1 tell head 0 of the first layer to look at the question's words that name the object, so that the answer
+    position carries what the later layers must look for (issue #9: without them it often did not, and two seeds
+    went from 0.773 to 0.956 and from 0.622 to 0.710 with them).
 
-    attentions: per layer (B, nh, T, S); ground (N, 3): row, query, key; several keys of one query add up.
+    attentions: per layer (B, nh, T, S); ground (N, 4): row, query, key, kind (0: image, 1: words).
     """
-    rows, queries, keys = ground.unbind(1)
-    query, index = torch.unique(rows * ground.new_tensor(attentions[0].size(-1)) + queries, return_inverse=True)
-    total = 0.0
-    for att in attentions[1:]:
-        p = att[rows, 0, queries, keys].float()  # (N,)
-        per_answer = torch.zeros(len(query), device=p.device).index_add(0, index, p)  # (answers,)
-        total = total - per_answer.clamp(min=1e-9).log().sum()
-    return total / max(len(attentions) - 1, 1)
+    image, words = ground[ground[:, 3] == 0], ground[ground[:, 3] == 1]
+    later = sum(head0_nll(att, image) for att in attentions[1:]) / max(len(attentions) - 1, 1)
+    return later + head0_nll(attentions[0], words)
+
+
+def head0_nll(att, pairs) -> torch.Tensor:
+    """-log(attention head 0 pays from each pair's query to its keys), several keys of one query adding up,
+    summed over queries. att (B, nh, T, S); pairs (N, >=3): row, query, key."""
+    rows, queries, keys = pairs[:, :3].unbind(1)
+    query, index = torch.unique(rows * pairs.new_tensor(att.size(-1)) + queries, return_inverse=True)
+    p = att[rows, 0, queries, keys].float()  # (N,)
+    per_query = torch.zeros(len(query), device=p.device).index_add(0, index, p)  # (queries,)
+    return -per_query.clamp(min=1e-9).log().sum()
 
 
 @torch.compiler.disable  # FlexAttention's advice: build the BlockMask outside the compiled graph

@@ -386,27 +386,30 @@ def asked_object(question: str, objects: list):
 
 
 @pytest.mark.parametrize("patch", [16, 8])
-def test_grounding_points_each_answer_at_the_image_tokens_of_its_object(tok, patch):
+def test_grounding_points_each_answer_at_the_image_tokens_of_its_object_and_the_words_naming_it(tok, patch):
     """From the position that predicts each answer's first token to the tokens of the patches in the asked
-    object's cell (the first token when no object fits); none for a count. Packing keeps each pair on its tokens."""
+    object's cell (the first token when no object fits), and to the tokens that spell the question's colour and
+    shape words; none for a count. Packing keeps each pair on its tokens."""
     vision = ViTConfig(image_size=48, patch_size=patch, width=32, depth=1, heads=2, mlp_dim=64)
     G = vision.grid
     cfg = SimpleNamespace(image_token_id=tok.vocab_size, vision=vision, grid_pinpoints=[], system=None,
                           image_tokens=lambda size=None, tiled=True: G * G, tiles=lambda num_images: False)
     world = ShapesWorld(image_size=48, questions=3)
-    data = ShapesDataset(world, tok, cfg, task="qa", ground=True)
+    data = ShapesDataset(world, tok, cfg, task="qa", ground=True, ground_words=True)
     kinds, samples = Counter(), [data[i] for i in range(40)]
     for i, sample in enumerate(samples):
         objects, turns = world.scene(i), world.record(i)["conversations"]
         labels, image = sample["labels"], sample["input_ids"].tolist().index(tok.vocab_size)
-        keys = {}  # query -> keys
-        for q, k in sample["ground"].tolist():
-            keys.setdefault(q, []).append(k)
-        asked = [(asked_object(t["value"].removeprefix("<image>\n"), objects), a["value"])
+        keys, words = {}, {}  # query -> image keys, query -> word keys
+        for q, k, kind in sample["ground"].tolist():
+            (words if kind else keys).setdefault(q, []).append(k)
+        asked = [(asked_object(t["value"].removeprefix("<image>\n"), objects), a["value"], t["value"])
                  for t, a in zip(turns[0::2], turns[1::2], strict=True)]
-        grounded = [(o, answer) for o, answer in asked if not answer.isdigit()]  # a count has no one object
-        assert len(keys) == len(grounded)
-        for (q, ks), (o, answer) in zip(sorted(keys.items()), grounded, strict=True):
+        grounded = [(o, answer, q) for o, answer, q in asked if not answer.isdigit()]  # a count has no one object
+        assert len(keys) == len(grounded) and set(words) == set(keys)
+        for (q, ks), (o, answer, question) in zip(sorted(keys.items()), grounded, strict=True):
+            named = [w for w in question.rstrip("?").split() if w in world.colors + world.shapes]
+            assert named and tok.decode(sample["input_ids"][words[q]].tolist()).split() == named
             end = next((t for t in range(q + 1, len(labels)) if labels[t] == IGNORE), len(labels))
             assert labels[q] == IGNORE and tok.decode(labels[q + 1 : end]).strip() == answer  # q predicts it
             if o is None:  # "Is there a ...?" "no": the first token, a sink
@@ -417,10 +420,16 @@ def test_grounding_points_each_answer_at_the_image_tokens_of_its_object(tok, pat
             assert cells == {POSITIONS[3].index(o.position)} and len(ks) == (G // 3) ** 2
             kinds["object"] += 1
     assert kinds["absent"] > 5 and kinds["object"] > 50
+    plain = ShapesDataset(world, tok, cfg, task="qa", ground=True)  # the words are opt-in (train.py --ground-words)
+    assert all(torch.equal(plain[i]["ground"], s["ground"][s["ground"][:, 2] == 0]) for i, s in enumerate(samples))
     for pack_len in (None, 256):
         batch = collate(samples, tok.pad_id, pack_len)
-        rows, queries, keys = batch["ground"].unbind(1)
+        rows, queries, keys, kind = batch["ground"].unbind(1)
         assert (batch["labels"][rows, queries] == IGNORE).all() and (batch["labels"][rows, queries + 1] != IGNORE).all()
+        words = [s["input_ids"][s["ground"][s["ground"][:, 2] == 1, 1]].tolist() for s in samples]
+        assert sorted(batch["input_ids"][rows[kind == 1], keys[kind == 1]].tolist()) == sorted(sum(words, []))
+        assert (keys[kind == 1] < queries[kind == 1]).all()
+        rows, queries, keys = rows[kind == 0], queries[kind == 0], keys[kind == 0]
         on_image = batch["input_ids"][rows, keys] == tok.vocab_size
         starts = keys == 0  # a sample's first token: a row's, or where a packed segment begins
         if pack_len:

@@ -83,10 +83,19 @@ def test_binding_control_trains_a_fresh_tower_before_the_frozen_real_lm(smollm2_
 
 
 def test_the_main_job_variant_is_the_model_python_train_py_trains():
-    """binding's "(the main job)" row names its model in full: the same config as train.MAIN_JOB's --set items."""
+    """binding's "(the main job)" row names its model and finetune in full: train.MAIN_JOB's --set items and flags;
+    UNGROUNDED keeps every older row's finetune as it ran."""
     pretrain = experiments.train.MAIN_JOB["pretrain"]
     sets = [pretrain[k + 1] for k, flag in enumerate(pretrain) if flag == "--set"]
     configure, parse = experiments.train.configure, experiments.train.parse_sets
     main_job = configure(tiny_config(), parse(sets)[0])
     assert configure(tiny_config(), parse(experiments.MAIN_JOB_MODEL)[0]) == main_job
     assert configure(tiny_config(), parse(experiments.PLAIN_TINY)[0]) == tiny_config()
+    (name,) = [name for name in experiments.BINDING if name.endswith("(the main job)")]
+    variant, parse_args = experiments.BINDING[name], experiments.train.parse_args
+    assert configure(tiny_config(), parse(variant["scratch"])[0]) == main_job
+    ours = parse_args(["--stage", "finetune"] + experiments.train.MAIN_JOB["finetune"] + variant["flags"])
+    want = parse_args(["--stage", "finetune"] + experiments.train.MAIN_JOB["finetune"])
+    assert vars(ours) == vars(want)  # the same finetune: grounding weight, question words, what trains
+    old = parse_args(["--stage", "finetune"] + experiments.train.MAIN_JOB["finetune"] + experiments.UNGROUNDED)
+    assert (old.ground, old.ground_words, old.train) == (0, False, "vision,projector,lm")  # as before session 8

@@ -67,15 +67,17 @@ def test_loss_matches_transformers_and_normalises_by_num_tokens(converted):
 @torch.no_grad()
 def test_grounding_loss_is_minus_log_attention_on_the_named_tokens(converted):
     """With ground pairs the loss adds -log(attention paid by head 0 of every layer but the first, from each
-    grounded query to its keys, summed over keys), averaged over layers; transformers' attention weights are
-    the oracle. Weight 0 leaves the plain loss untouched."""
+    grounded query to its image keys, summed over keys), averaged over layers, plus the same of the first layer's
+    head 0 for word keys (kind 1); transformers' attention weights are the oracle. Weight 0 leaves the plain loss
+    untouched."""
     ours, hf_dir, _ = converted["clip"]
     ref = load_hf(transformers.LlavaForConditionalGeneration, hf_dir)
     ids = torch.cat([image_prompt(ours.cfg.num_image_tokens, ours.cfg.image_token_id, seed=s) for s in (0, 1)])
     labels = ids.clone()
     labels[:, : ours.cfg.num_image_tokens + 3] = -100
     image, T = 1, ids.size(1)  # the image block starts after BOS
-    ground = torch.tensor([[0, T - 3, image], [0, T - 3, image + 2], [1, T - 2, 0], [1, T - 4, image + 1]])
+    ground = torch.tensor([[0, T - 3, image, 0], [0, T - 3, image + 2, 0], [1, T - 2, 0, 0], [1, T - 4, image + 1, 0],
+                           [0, T - 3, T - 5, 1], [0, T - 3, T - 4, 1], [1, T - 2, T - 3, 1]])
     px = images(2)
     _, plain = ours(ids, px, labels=labels)
     _, off = ours(ids, px, labels=labels, ground=ground, ground_weight=0.0)
@@ -83,6 +85,7 @@ def test_grounding_loss_is_minus_log_attention_on_the_named_tokens(converted):
     att = ref(input_ids=ids, pixel_values=px, output_attentions=True).attentions  # per layer (B, nh, T, T)
     want = sum(-(a[0, 0, T - 3, image] + a[0, 0, T - 3, image + 2]).log() - a[1, 0, T - 2, 0].log()
                - a[1, 0, T - 4, image + 1].log() for a in att[1:]) / (len(att) - 1)
+    want = want - (att[0][0, 0, T - 3, T - 5] + att[0][0, 0, T - 3, T - 4]).log() - att[0][1, 0, T - 2, T - 3].log()
     assert len(att) >= 2 and torch.equal(off, plain)
     assert rel_err(grounded - plain, 0.5 * want) < 1e-4
 

@@ -87,15 +87,22 @@ def test_grad_accum_and_ddp_reach_the_weights_of_one_big_batch(micro_dir, tmp_pa
     assert max_rel_diff(weights(tmp_path / "ddp"), reference) < 1e-5
 
 
-def test_grounded_training_with_grad_accum_reaches_the_weights_of_one_big_batch(micro_dir, tmp_path):
+def test_grounded_training_with_grad_accum_reaches_the_weights_of_one_big_batch(micro_dir, tmp_path, capsys):
     """The grounding loss is normalised by the grounded answers of the whole global batch, as the loss by its
-    tokens: accumulation gives one big batch's weights. (A 2x2 world: the micro tower's 2x2 patches ground it.)"""
+    tokens: accumulation gives one big batch's weights, with the question's words too. (A 2x2 world: the micro
+    tower's 2x2 patches ground it.)"""
     common = FINETUNE + ["--init", micro_dir, "--max-steps", 3, "--warmup-ratio", 0, "--set", "world.grid=2"]
     run_train(*common, "--out", tmp_path / "plain", "--batch-size", 8)
-    run_train(*common, "--out", tmp_path / "b8", "--batch-size", 8, "--ground", 1)
-    run_train(*common, "--out", tmp_path / "b4x2", "--batch-size", 4, "--grad-accum", 2, "--ground", 1)
+    run_train(*common, "--out", tmp_path / "image", "--batch-size", 8, "--ground", 1)
+    grounded = ["--ground", 1, "--ground-words"]
+    run_train(*common, "--out", tmp_path / "b8", "--batch-size", 8, *grounded)
+    run_train(*common, "--out", tmp_path / "b4x2", "--batch-size", 4, "--grad-accum", 2, *grounded)
     reference = weights(tmp_path / "b8")
-    assert max_rel_diff(reference, weights(tmp_path / "plain")) > 1e-3  # grounding changed the training
+    assert max_rel_diff(weights(tmp_path / "image"), weights(tmp_path / "plain")) > 1e-3  # grounding changed it
+    assert max_rel_diff(reference, weights(tmp_path / "image")) > 1e-3  # and the words did too
+    with pytest.raises(SystemExit):
+        train.parse_args(["--stage", "finetune", "--ground-words"])
+    assert "--ground-words adds to the grounding loss: give --ground WEIGHT too" in capsys.readouterr().err
     # Micro-batches pad to other lengths, so the attention weights sum in another order: measured 1.8e-5.
     assert max_rel_diff(weights(tmp_path / "b4x2"), reference) < 1e-4
 
@@ -290,7 +297,8 @@ def test_main_job_smoke_prints_the_two_accuracy_lines(tmp_path):
     assert (tmp_path / "pretrain" / "projector.safetensors").is_file()
     cfg = json.loads((tmp_path / "finetune" / "config.json").read_text())
     assert cfg["template"] == "vicuna_v1"
-    assert json.loads((tmp_path / "finetune" / "training.json").read_text())["ground"] == 4  # issue #9's grounding
+    training = json.loads((tmp_path / "finetune" / "training.json").read_text())
+    assert (training["ground"], training["ground_words"]) == (4, True)  # issue #9's grounding
     # issue #9's main job: one image token per 3x3 cell, no tower block, a Canon layer and QK-norm in the LM
     assert (cfg["vision"]["patch_size"], cfg["vision"]["depth"], cfg["lm"]["conv_kernel"], cfg["lm"]["qk_norm"]) == (
         16, 0, 3, True)
