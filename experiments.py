@@ -111,7 +111,8 @@ BINDING = {
 # stays frozen with LoRA adapters, behind a from-scratch tiny tower and projector (`convert_weights.py --fresh-vision
 # tiny`), on the same ShapesWorld. Its own two stages: captions teach the tower and projector to talk to the frozen
 # LM, then questions train them with the adapters. bf16 autocast: 1.5-2x faster per step than fp32 on this CPU.
-# Measured 5.3 / 7.0 CPU-s per caption / question step at one thread: the steps make the issue's 30 CPU-minutes.
+# One thread on session 8's 2-core Intel Xeon: ~3.2 / ~3.9 s per caption / question step, so 400 + 200 steps make
+# the issue's 30 CPU-minutes, conversion included (session 5's slower CPU: 5.3 / 7.0 s).
 CONTROL = {
     "pretrain": ["--train", "vision,projector", "--batch-size", "16", "--lr", "2e-3", "--warmup-ratio", "0.05",
                  "--dtype", "bfloat16"],
