@@ -120,13 +120,25 @@ def encode_sample(record: dict, images: list, tokenizer, cfg, template: str, max
                   image_mode: str, videos: list = ()) -> dict:
     """One record (conversations + PIL images and videos' frames, each in tag order) -> the sample dict collate
     batches. record["media"] says which tags are videos ("image"/"video" in text order; default: the images,
-    then the videos).
+    then the videos)."""
+    sizes, tiled = [(im.height, im.width) for im in images], cfg.tiles(len(images))
+    input_ids, labels = encode_ids(record, images, tokenizer, cfg, template, max_len, videos)
+    return {"id": record["id"], "input_ids": torch.tensor(input_ids), "labels": torch.tensor(labels),
+            "pixel_values": images_to_pixels(images, cfg, image_mode, tiled),  # (T,), (T,), (views, 3, S, S) or None
+            "image_sizes": torch.tensor(sizes, dtype=torch.long).view(-1, 2) if images else None,  # (n_images, 2)
+            "image_tiled": torch.full((len(images),), tiled) if images else None,  # (n_images,) bool
+            "videos": torch.stack([preprocess_video(clip, cfg.vision) for clip in videos]) if videos else None}
+    # videos: (V, F, 3, S, S)
+
+
+def encode_ids(record: dict, images: list, tokenizer, cfg, template: str, max_len: int | None,
+               videos: list = ()) -> tuple[list[int], list[int]]:
+    """A record's (input_ids, labels), media placeholders included; no pixels.
 
     With anyres each image has its own token count, so the text is tokenized with one placeholder per tag and
     each is then grown to cfg.image_tokens(its size), a video's to cfg.video_tokens(its frames) video
     placeholders; max_len is lowered by the growth, so the cut falls where it would in the grown sequence.
     """
-    sizes, tiled = [(im.height, im.width) for im in images], cfg.tiles(len(images))
     counts, fills = media_tokens(cfg, record.get("media"), images, videos)
     if max_len is not None:
         max_len -= sum(counts) - len(counts)
@@ -134,13 +146,7 @@ def encode_sample(record: dict, images: list, tokenizer, cfg, template: str, max
             raise TooLong(f"the images and videos take {sum(counts)} tokens, more than max_len")
     input_ids, labels = encode_conversation(tokenizer, record["conversations"], template, cfg.image_token_id, 1,
                                             max_len, cfg.system)
-    input_ids, labels = expand_images(input_ids, labels, counts, cfg.image_token_id, fills)
-    return {"id": record["id"], "input_ids": torch.tensor(input_ids), "labels": torch.tensor(labels),
-            "pixel_values": images_to_pixels(images, cfg, image_mode, tiled),  # (T,), (T,), (views, 3, S, S) or None
-            "image_sizes": torch.tensor(sizes, dtype=torch.long).view(-1, 2) if images else None,  # (n_images, 2)
-            "image_tiled": torch.full((len(images),), tiled) if images else None,  # (n_images,) bool
-            "videos": torch.stack([preprocess_video(clip, cfg.vision) for clip in videos]) if videos else None}
-    # videos: (V, F, 3, S, S)
+    return expand_images(input_ids, labels, counts, cfg.image_token_id, fills)
 
 
 def ground_pairs(boxes: list, input_ids: list[int], labels: list[int], cfg, words: list | None = None) -> torch.Tensor:
@@ -783,16 +789,13 @@ class ShapesDataset(Dataset):
     def __getitem__(self, i) -> dict:
         record = self.world.record(i, self.task, self.split)
         images, videos = ([record["image"]], []) if "image" in record else ([], [record["video"]])
-        sample = self.encode(record, images, videos)
+        sample = encode_sample(record, images, self.tokenizer, self.cfg, self.template, self.max_len, self.image_mode,
+                               videos)
         if self.ground:  # (N, 3) (query, key, kind) positions for the grounding loss
             ids = sample["input_ids"].tolist()
             words = self.naming_tokens(record, images, videos, ids) if self.ground_words else None
             sample["ground"] = ground_pairs(record["ground"], ids, sample["labels"].tolist(), self.cfg, words)
         return sample
-
-    def encode(self, record: dict, images: list, videos: list) -> dict:
-        return encode_sample(record, images, self.tokenizer, self.cfg, self.template, self.max_len, self.image_mode,
-                             videos)
 
     def naming_tokens(self, record: dict, images: list, videos: list, input_ids: list[int]) -> list[list[int]]:
         """Per question, the positions of the tokens that spell its colour and shape words: the words that name
@@ -803,7 +806,8 @@ class ShapesDataset(Dataset):
         for k in range(0, len(turns), 2):  # the questions
             text = re.sub(r"\b[a-z]+\b", lambda m: m[0].upper() if m[0] in names else m[0], turns[k]["value"])
             swapped = turns[:k] + [dict(turns[k], value=text)] + turns[k + 1 :]
-            ids = self.encode(dict(record, conversations=swapped), images, videos)["input_ids"].tolist()
+            ids, _ = encode_ids(dict(record, conversations=swapped), images, self.tokenizer, self.cfg, self.template,
+                                self.max_len, videos)
             start = len(os.path.commonprefix([input_ids, ids]))  # commonprefix works on any sequences
             end = len(input_ids) - len(os.path.commonprefix([input_ids[start:][::-1], ids[start:][::-1]]))
             spans.append(list(range(start, end)))
